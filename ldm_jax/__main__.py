@@ -1,0 +1,3 @@
+from ldm_jax.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""Config files and their command-line overrides, checked before anything runs.
+
+Config files are Python files with ``get_config(arg=None) -> ml_collections.ConfigDict`` (``--config
+configs/shapes_ldm.py:tiny`` passes ``"tiny"``). ``check_overrides`` validates every ``--config.a.b=value``
+flag against the loaded config, so a misspelled key or a value of the wrong type stops the run with one
+line that names the key and the nearest valid one, instead of a traceback from deep inside absl.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from ldm_jax.types import ConfigError, nearest
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path.py[:arg]`` and returns ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found: pass --config=configs/<name>.py[:variant]")
+    name = "ldm_jax_user_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' defines no get_config(arg=None)")
+    return module.get_config(arg or None) if arg else module.get_config()
+
+
+def all_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted path in `cfg`, leaves and sections alike."""
+    keys = []
+    for k, v in cfg.items():
+        path = f"{prefix}.{k}" if prefix else k
+        keys.append(path)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(all_keys(v, path))
+    return keys
+
+
+def _lookup(cfg, dotted: str):
+    node = cfg
+    walked = []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            here = ".".join(walked)
+            siblings = [f"{here}.{s}" if here else s for s in node.keys()] if isinstance(
+                node, ml_collections.ConfigDict) else []
+            hint = nearest(dotted, siblings) or nearest(dotted, all_keys(cfg))
+            hint = hint.replace("mean '", "mean 'config.")
+            raise ConfigError(f"unknown config key 'config.{dotted}'{hint}")
+        walked.append(part)
+        node = node[part]
+    return node
+
+
+def _check_type(key: str, current, raw: str) -> None:
+    def fail(kind):
+        raise ConfigError(f"--config.{key}={raw!r}: expected {kind} (current value {current!r})")
+
+    if current is None or isinstance(current, str):
+        return
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            fail("a boolean (true/false)")
+    elif isinstance(current, int):
+        try:
+            int(raw)
+        except ValueError:
+            fail("an integer")
+    elif isinstance(current, float):
+        try:
+            float(raw)
+        except ValueError:
+            fail("a number")
+    elif isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (tuple, list)):
+            fail("a tuple/list literal such as '(1, 2)'")
+    elif isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{key} is a section, not a value: set one of its fields instead")
+
+
+def config_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Returns (the --config spec, [(dotted key, raw value)]) found in `argv`."""
+    spec, overrides = None, []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--config=") or a == "--config":
+            spec = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
+            i += 1 if "=" in a else 2
+            continue
+        if a.startswith("--config."):
+            key, eq, raw = a[len("--config."):].partition("=")
+            if not eq and i + 1 < len(args):
+                raw = args[i + 1]
+                i += 1
+            overrides.append((key, raw))
+        i += 1
+    return spec, overrides
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Raises ConfigError (one line) for an unknown key or a wrongly typed value among `argv`'s overrides."""
+    spec, overrides = config_overrides(argv)
+    if spec is None:
+        if overrides:
+            raise ConfigError("--config.* overrides given without --config=configs/<name>.py")
+        return
+    cfg = load_config(spec)
+    for key, raw in overrides:
+        _check_type(key, _lookup(cfg, key), raw)
+
+
+def preflight_or_exit(argv: list[str]) -> None:
+    """Entry-point guard: prints the one-line config error and exits 2."""
+    try:
+        check_overrides(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The one schema every training config starts from (sections as in DESIGN.md).
+
+    Config files call this, then change what their experiment needs, so that
+    ``--config.train.num_steps=12 --config.checkpoint.every_steps=4`` works on every one of them.
+    """
+    c = ml_collections.ConfigDict()
+    c.data = dict(name="shapes", data_dir="", split="train", resolution=32, batch_size=32,
+                  caption_dropout=0.1, seed=0, flip=False, num_examples=0, latent_cache="")
+    c.model = dict(
+        unet=dict(preset="tiny"),
+        vae=dict(preset="tiny"),
+        text_encoder=dict(name="minilm", max_length=16),
+    )
+    c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, prediction="eps",
+                       weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
+    c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                       warmup_steps=100, decay="cosine", grad_clip=1.0)
+    c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,
+                   ema=dict(decay=0.999, warmup_steps=100), dtype="float32", remat=False,
+                   on_nonfinite="halt")
+    c.checkpoint = dict(every_steps=500, keep=3, keep_every=0)
+    c.sample = dict(every_steps=0, prompts=("a red circle in the top left",), sampler="ddim",
+                    num_steps=20, guidance_scale=3.0, seed=0)
+    c.eval = dict(every_steps=0, metrics=(), num_samples=64)
+    c.mesh = dict(data=-1, fsdp=1)
+    return ml_collections.ConfigDict(c)

@@ -1,0 +1,1 @@
+"""Weight converters: diffusers / HF / CompVis single-file <-> ldm_jax parameter trees."""

@@ -1,0 +1,75 @@
+"""Shared type aliases and the ConfigDict -> frozen dataclass boundary helper.
+
+Imports nothing from the package; every layer (``diffusion/`` included) may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import jax
+
+Array = jax.Array
+PRNGKey = jax.Array
+PyTree = Any
+Shape = tuple[int, ...]
+# denoise_fn(x_t, t) -> network output of the kind named by `prediction`; t is (B,) in [0, 1].
+DenoiseFn = Callable[[Array, Array], Array]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled or of the wrong type (one-line message)."""
+
+
+def nearest(name: str, choices) -> str:
+    """Returns ' (did you mean 'x'?)' for the closest of `choices`, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _as_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict, without importing it
+        return cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise ConfigError(f"expected a ConfigDict or mapping, got {type(cfg).__name__}")
+
+
+class FrozenConfig:
+    """Mixin for frozen dataclasses built from a ConfigDict at the library boundary.
+
+    ``UNetConfig.from_config(cfg.model.unet)`` keeps the fields the dataclass declares, turns lists into
+    tuples (so the result is hashable and usable as a jit static argument) and raises a one-line
+    ``ConfigError`` naming any unknown key and the nearest valid one.
+    """
+
+    @classmethod
+    def from_config(cls: type[T], cfg: Any = None, **overrides) -> T:
+        values = {**_as_dict(cfg), **overrides}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"{cls.__name__}: unknown field '{k}'{nearest(k, names)}")
+        return cls(**{k: _freeze(v) for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self: T, **changes) -> T:
+        return dataclasses.replace(self, **changes)
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return v

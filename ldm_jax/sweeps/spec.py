@@ -1,0 +1,81 @@
+"""Sweep specifications: which config fields vary, and how.
+
+A sweep config is an ordinary training config with a ``sweep`` section::
+
+    c.sweep.product = {"diffusion.schedule": ("linear", "cosine"), "diffusion.prediction": ("eps", "v")}
+    c.sweep.zip = {"diffusion.weighting": ("uniform", "min_snr"), "diffusion.min_snr_gamma": (0.0, 5.0)}
+    c.sweep.seeds = (0, 1)
+
+``product`` takes the Cartesian product of its fields; ``zip`` walks its (equal-length) fields together,
+and the zipped tuples are crossed with the product grid; ``seeds`` sets ``train.seed`` (the outermost
+axis). Dotted keys name config fields; a key that does not exist is an error naming the nearest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+
+import ml_collections
+
+from ldm_jax.configlib import all_keys
+from ldm_jax.types import ConfigError, nearest
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str                      # file-system safe, unique within the sweep
+    overrides: tuple               # ((dotted key, value), ...) in spec order
+    config: ml_collections.ConfigDict
+
+
+def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def _check_keys(cfg, keys) -> None:
+    valid = set(all_keys(cfg))
+    for k in keys:
+        if k not in valid:
+            raise ConfigError(f"sweep field '{k}' is not a config key{nearest(k, valid)}")
+
+
+def _short(key: str, value) -> str:
+    text = f"{key.split('.')[-1]}={value}"
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "", text.replace(" ", ""))
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Run]:
+    """All runs of the sweep described by ``config.sweep`` (the base config without it)."""
+    spec = config.get("sweep", ml_collections.ConfigDict())
+    product = dict(spec.get("product", {}) or {})
+    zipped = dict(spec.get("zip", {}) or {})
+    seeds = tuple(spec.get("seeds", ()) or ())
+    _check_keys(config, [*product, *zipped])
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise ConfigError(f"sweep.zip fields must have equal lengths, got {sorted(lengths)}")
+    zip_points = [tuple(zip(zipped, vals)) for vals in zip(*zipped.values())] or [()]
+    grid_points = [tuple(zip(product, vals)) for vals in itertools.product(*product.values())] or [()]
+    seed_points = [(("train.seed", s),) for s in seeds] or [()]
+
+    base = ml_collections.ConfigDict(config.to_dict())
+    if "sweep" in base:
+        del base["sweep"]
+    runs, names = [], set()
+    for seed_pt, grid_pt, zip_pt in itertools.product(seed_points, grid_points, zip_points):
+        overrides = grid_pt + zip_pt + seed_pt
+        cfg = ml_collections.ConfigDict(base.to_dict())
+        for k, v in overrides:
+            _set(cfg, k, v)
+        name = ",".join(_short(k, v) for k, v in overrides) or "base"
+        if name in names:
+            name = f"{name},{len(names)}"
+        names.add(name)
+        runs.append(Run(name=name, overrides=overrides, config=cfg))
+    return runs

@@ -2,13 +2,14 @@
 
 A sweep config is an ordinary training config with a ``sweep`` section::
 
-    c.sweep.product = {"diffusion.schedule": ("linear", "cosine"), "diffusion.prediction": ("eps", "v")}
-    c.sweep.zip = {"diffusion.weighting": ("uniform", "min_snr"), "diffusion.min_snr_gamma": (0.0, 5.0)}
+    c.sweep.product = dict(diffusion=dict(schedule=("linear", "cosine"), prediction=("eps", "v")))
+    c.sweep.zip = dict(diffusion=dict(weighting=("uniform", "min_snr"), min_snr_gamma=(0.0, 5.0)))
     c.sweep.seeds = (0, 1)
 
 ``product`` takes the Cartesian product of its fields; ``zip`` walks its (equal-length) fields together,
 and the zipped tuples are crossed with the product grid; ``seeds`` sets ``train.seed`` (the outermost
-axis). Dotted keys name config fields; a key that does not exist is an error naming the nearest one.
+axis). The nesting mirrors the config (ConfigDict keys cannot hold dots), leaves are the tuples of values;
+a field that does not exist is an error naming the nearest one.
 """
 
 from __future__ import annotations
@@ -50,11 +51,25 @@ def _short(key: str, value) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "", text.replace(" ", ""))
 
 
+def _leaves(spec, prefix: str = "") -> dict:
+    """Nested {section: {field: values}} -> {"section.field": values}."""
+    if hasattr(spec, "to_dict"):
+        spec = spec.to_dict()
+    out = {}
+    for k, v in (spec or {}).items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_leaves(v, key))
+        else:
+            out[key] = tuple(v)
+    return out
+
+
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
     """All runs of the sweep described by ``config.sweep`` (the base config without it)."""
     spec = config.get("sweep", ml_collections.ConfigDict())
-    product = dict(spec.get("product", {}) or {})
-    zipped = dict(spec.get("zip", {}) or {})
+    product = _leaves(spec.get("product", {}))
+    zipped = _leaves(spec.get("zip", {}))
     seeds = tuple(spec.get("seeds", ()) or ())
     _check_keys(config, [*product, *zipped])
     lengths = {len(v) for v in zipped.values()}

@@ -1,0 +1,81 @@
+"""Sweep expansion, the resumable runner and the report (mechanics; the end-to-end sweep with real
+training lives with the training tests)."""
+
+import json
+import os
+
+import pytest
+
+from ldm_jax.configlib import base_config
+from ldm_jax.sweeps import expand, render_report, run_sweep
+from ldm_jax.sweeps.runner import read_results
+from ldm_jax.types import ConfigError
+
+
+def _sweep_config():
+    c = base_config()
+    c.sweep = dict(product=dict(diffusion=dict(schedule=("linear", "cosine"), prediction=("eps", "v"))),
+                   zip=dict(diffusion=dict(weighting=("uniform", "min_snr"), min_snr_gamma=(0.0, 5.0))),
+                   seeds=(0, 1), eval=dict(samplers=("ddim", "euler"), nfes=(2, 4)))
+    return c
+
+
+def test_expand_is_the_product_of_grid_zip_and_seeds():
+    runs = expand(_sweep_config())
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert len({r.name for r in runs}) == len(runs)
+    r = runs[-1]
+    assert dict(r.overrides) == {"diffusion.schedule": "cosine", "diffusion.prediction": "v",
+                                 "diffusion.weighting": "min_snr", "diffusion.min_snr_gamma": 5.0, "train.seed": 1}
+    assert r.config.diffusion.schedule == "cosine" and r.config.train.seed == 1 and "sweep" not in r.config
+
+
+def test_bad_spec_errors():
+    c = _sweep_config()
+    c.sweep.product = dict(diffusion=dict(schedul=("linear",)))
+    with pytest.raises(ConfigError, match="diffusion.schedul.*did you mean 'diffusion.schedule'"):
+        expand(c)
+    c = _sweep_config()
+    c.sweep.zip = dict(diffusion=dict(weighting=("uniform",), min_snr_gamma=(0.0, 5.0)))
+    with pytest.raises(ConfigError, match="equal lengths"):
+        expand(c)
+
+
+def _fake_train(calls):
+    def train(config, workdir):
+        calls.append(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        scale = 2.0 if config.diffusion.schedule == "linear" else 1.0
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 4):
+                f.write(json.dumps({"step": step, "loss": scale / step}) + "\n")
+    return train
+
+
+def _fake_eval(config, workdir, *, sampler, num_steps):
+    return {"fd": (2.0 if config.diffusion.schedule == "linear" else 1.0) / num_steps}
+
+
+def test_runner_resumes_splits_hosts_and_reports(tmp_path):
+    c = _sweep_config()
+    c.sweep.product = dict(diffusion=dict(schedule=("linear", "cosine")))
+    c.sweep.zip, c.sweep.seeds = {}, ()
+    calls = []
+    rows = run_sweep(c, str(tmp_path), train_fn=_fake_train(calls), eval_fn=_fake_eval)
+    assert len(rows) == 2 and len(calls) == 2
+    assert rows[0]["final_loss"] == pytest.approx(2 / 3)
+    assert {(e["sampler"], e["nfe"], e["fd"]) for e in rows[0]["evals"]} == {
+        ("ddim", 2, 1.0), ("ddim", 4, 0.5), ("euler", 2, 1.0), ("euler", 4, 0.5)}
+    run_sweep(c, str(tmp_path), train_fn=_fake_train(calls), eval_fn=_fake_eval)
+    assert len(calls) == 2  # finished runs are skipped on rerun
+
+    split = tmp_path / "hosts"
+    got = [run_sweep(c, str(split), train_fn=_fake_train([]), eval_fn=_fake_eval, host_index=i, num_hosts=2)
+           for i in range(2)]
+    assert len(got[1]) == 2 and {r["run"] for r in read_results(str(split))} == {r["run"] for r in rows}
+
+    report = render_report(str(tmp_path))
+    text = open(report).read()
+    assert "| schedule=linear | 0.6667 |" in text and "![loss curves](loss_curves.png)" in text
+    for png in ("loss_curves.png", "metric_vs_nfe.png", "metric_per_run.png"):
+        assert os.path.getsize(tmp_path / png) > 1000

@@ -138,13 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
     ``--config.train.num_steps=12 --config.checkpoint.every_steps=4`` works on every one of them.
     """
     c = ml_collections.ConfigDict()
-    c.data = dict(name="shapes", data_dir="", split="train", resolution=32, batch_size=32,
-                  caption_dropout=0.1, seed=0, flip=False, num_examples=0, latent_cache="")
+    # data: the fields of ldm_jax.data.DataConfig ("" means None for data_dir and latent_cache).
+    c.data = dict(name="shapes", split="train", data_dir="", builder_kwargs={}, resolution=32, channels=3,
+                  center_crop=True, flip=False, batch_size=32, seed=0, caption_dropout=0.1, max_length=77,
+                  latent_cache="")
+    # model: a preset name plus field overrides of its config (models.presets), or `pretrained` = a diffusers
+    # folder; the stage-2 VAE may instead come from a stage-1 `workdir`.
     c.model = dict(
-        unet=dict(preset="tiny"),
-        vae=dict(preset="tiny"),
-        text_encoder=dict(name="minilm", max_length=16),
+        unet=dict(preset="tiny", pretrained=""),
+        vae=dict(preset="tiny", pretrained="", workdir=""),
+        text_encoder=dict(name="minilm", path="", max_length=16, hidden_layer=0),
     )
+    c.autoencoder = dict(loss="l1", kl_weight=1e-6, disc_start=-1, disc_weight=0.5, disc_channels=64,
+                         disc_layers=3, disc_lr=1e-4)
     c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, prediction="eps",
                        weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
@@ -156,5 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = dict(every_steps=0, prompts=("a red circle in the top left",), sampler="ddim",
                     num_steps=20, guidance_scale=3.0, seed=0)
     c.eval = dict(every_steps=0, metrics=(), num_samples=64)
-    c.mesh = dict(data=-1, fsdp=1)
+    # Logical axis rules: the models' parameter/activation axis names -> mesh axes (unlisted names replicate).
+    c.mesh = dict(data=-1, fsdp=1,
+                  rules=(("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_out", "fsdp")))
     return ml_collections.ConfigDict(c)

@@ -1,0 +1,211 @@
+"""Stage 2: text-conditioned latent diffusion with a frozen autoencoder and a frozen text encoder.
+
+Per step (Rombach et al. 2022, with the diffusion core's choices from ``config.diffusion``):
+
+    z = (E(x) sample - shift) * scale          frozen VAE (or latent_mean + latent_std * eps from a latent cache)
+    c = tau(caption)                           frozen text encoder; captions dropped to "" with p = caption_dropout
+    t ~ p(t)  (diffusion.noise_sampling)       x_t = alpha_t z + sigma_t eps
+    loss = mean_b  w(t) || f(x_t, timestep(t), c) - target ||^2     (diffusion.loss: prediction x weighting)
+
+The sample callback draws a grid for ``config.sample.prompts`` from the EMA parameters with classifier-free
+guidance every ``sample.every_steps`` steps and saves it as ``workdir/samples/<step>.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import diffusion
+from ldm_jax.data import make_iterator
+from ldm_jax.models import AutoencoderKL, UNet, unbox
+from ldm_jax.training import components
+from ldm_jax.training.task import Task
+from ldm_jax.types import ConfigError
+
+
+class NumericBatches:
+    """Wraps a data iterator, keeping only array fields that go to the device (captions stay on the host)."""
+
+    def __init__(self, iterator, keys):
+        self.iterator, self.keys = iterator, tuple(keys)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        return {k: batch[k] for k in self.keys if k in batch}
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentDiffusion:
+    """The networks of stage 2 and the functions built on them (shared by training, sampling, evaluation)."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text: object            # models.text_encoder.TextEncoder
+    schedule: object
+    prediction: str
+
+    def model_fn(self, unet_params):
+        """(x_t, t, context) -> network output, t in [0, 1] mapped to the network's timesteps."""
+        def fn(x, t, context):
+            return self.unet.apply({"params": unet_params}, x, self.schedule.timestep(t), context)
+        return fn
+
+    def generate(self, unet_params, vae_params, text_params, ids, mask, uncond_ids, uncond_mask, noise, *,
+                 guidance_scale: float, sampler: str, num_steps: int, rng):
+        """Images in [-1, 1] for tokenized prompts; pure (jit it with the sampling options static)."""
+        ctx = self.text.encode_ids(text_params, ids, mask)
+        uctx = self.text.encode_ids(text_params, uncond_ids, uncond_mask)
+        denoise = diffusion.cfg(self.model_fn(unet_params), ctx, uctx, guidance_scale)
+        z = diffusion.sample(denoise, noise, schedule=self.schedule, prediction=self.prediction,
+                             sampler=sampler, num_steps=num_steps, rng=rng)
+        return self.vae.apply({"params": vae_params}, z, method=self.vae.decode_latents)
+
+
+def build(config):
+    """(LatentDiffusion, frozen params {vae, text}, unet config, pretrained unet params or None)."""
+    te = components.text_encoder(config.model.text_encoder)
+    vae_cfg, vae_params = components.frozen_vae(config.model.vae)
+    pre = components.pretrained_unet(config.model.unet)
+    if pre is not None:
+        unet_cfg, unet_params = pre
+    else:
+        unet_cfg = components.unet_config(config.model.unet, cross_attention_dim=te.hidden_size,
+                                          in_channels=vae_cfg.latent_channels,
+                                          out_channels=vae_cfg.latent_channels)
+        unet_params = None
+    if unet_cfg.cross_attention_dim != te.hidden_size:
+        raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
+                          f"gives {te.hidden_size}-wide states: make them equal")
+    model = LatentDiffusion(UNet(unet_cfg), AutoencoderKL(vae_cfg), te, components.schedule(config.diffusion),
+                            str(config.diffusion.prediction))
+    frozen = {"vae": components.as_arrays(unbox(vae_params)), "text": te.params}
+    return model, frozen, unet_cfg, unet_params
+
+
+def make_task(config, workdir: str):
+    """(Task, callbacks) of the latent-diffusion stage."""
+    model, frozen, unet_cfg, pretrained = build(config)
+    dcfg = components.data_config(config, max_length=model.text.max_length)
+    f = model.vae.config.downsample_factor
+    if dcfg.resolution % f:
+        raise ConfigError(f"data.resolution={dcfg.resolution} is not a multiple of the VAE's factor {f}")
+    latent_shape = (dcfg.resolution // f, dcfg.resolution // f, model.vae.config.latent_channels)
+    dc = config.diffusion
+    weighting_kwargs = components.weighting_kwargs(dc)
+
+    def init(rng):
+        x = jnp.zeros((1, *latent_shape), jnp.float32)
+        ctx = jnp.zeros((1, model.text.max_length, model.text.hidden_size), jnp.float32)
+        params = model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]
+        if pretrained is None:
+            return params
+        return jax.tree.map(lambda box, v: box.replace_boxed(jnp.asarray(v)) if hasattr(box, "replace_boxed")
+                            else jnp.asarray(v), params, pretrained, is_leaf=lambda b: hasattr(b, "replace_boxed"))
+
+    def loss_fn(params, batch, rng, step, *, frozen, extra):
+        del step, extra
+        r_lat, r_t, r_noise = jax.random.split(rng, 3)
+        if "latent_mean" in batch:
+            eps = jax.random.normal(r_lat, batch["latent_mean"].shape)
+            z = batch["latent_mean"] + batch["latent_std"] * eps
+            cfg = model.vae.config
+            latents = (z - cfg.shift_factor) * cfg.scaling_factor
+        else:
+            latents = model.vae.apply({"params": frozen["vae"]}, batch["image"], r_lat, method=model.vae.latents)
+        latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
+        ctx = jax.lax.stop_gradient(model.text.encode_ids(frozen["text"], batch["input_ids"],
+                                                          batch.get("attention_mask")))
+        b = latents.shape[0]
+        t = diffusion.sample_t(str(dc.noise_sampling), r_t, b, schedule=model.schedule)
+        noise = jax.random.normal(r_noise, latents.shape)
+        x_t = diffusion.q_sample(model.schedule, latents, t, noise)
+        out = model.model_fn(params)(x_t, t, ctx.astype(x_t.dtype))
+        per_example = diffusion.loss(out, latents, noise, t, schedule=model.schedule, prediction=model.prediction,
+                                     weighting=str(dc.weighting), **weighting_kwargs)
+        return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
+
+    keys = ("latent_mean", "latent_std", "input_ids", "attention_mask") if dcfg.latent_cache else (
+        "image", "input_ids", "attention_mask")
+
+    def iterator(process_index, process_count):
+        it = make_iterator(dcfg, tokenizer=model.text.tokenize_dict, process_index=process_index,
+                           process_count=process_count)
+        return NumericBatches(it, keys)
+
+    task = Task(name="ldm", init=init, loss_fn=loss_fn, make_iterator=iterator, batch_size=dcfg.batch_size,
+                frozen=frozen)
+    callbacks = []
+    if int(config.sample.every_steps) > 0:
+        callbacks.append(SampleGrid(model, frozen, config, workdir, latent_shape))
+    return task, callbacks
+
+
+class SampleGrid:
+    """Callback: every ``sample.every_steps`` a grid of ``sample.prompts`` from the EMA parameters."""
+
+    def __init__(self, model: LatentDiffusion, frozen, config, workdir: str, latent_shape):
+        s = config.sample
+        self.every, self.model, self.frozen = int(s.every_steps), model, frozen
+        self.prompts = list(s.prompts)
+        self.ids, self.mask = model.text.tokenize(self.prompts)
+        self.uids, self.umask = model.text.tokenize([""])
+        keys = [jax.random.fold_in(jax.random.PRNGKey(int(s.seed)), i) for i in range(len(self.prompts))]
+        self.noise = jnp.stack([jax.random.normal(k, latent_shape) for k in keys])
+        self.rng = jax.random.PRNGKey(int(s.seed) + 1)
+        self.dir = os.path.join(workdir, "samples")
+        self._gen = jax.jit(lambda u, v, te, *a: model.generate(
+            u, v, te, *a, guidance_scale=float(s.guidance_scale), sampler=str(s.sampler),
+            num_steps=int(s.num_steps), rng=self.rng))
+
+    def images(self, unet_params) -> np.ndarray:
+        x = self._gen(unbox(unet_params), self.frozen["vae"], self.frozen["text"], self.ids, self.mask, self.uids,
+                      self.umask, self.noise)
+        return to_uint8(x)
+
+    def __call__(self, step, state):
+        if step % self.every or jax.process_index() != 0:
+            return None
+        grid = image_grid(self.images(state.ema_params))
+        os.makedirs(self.dir, exist_ok=True)
+        save_png(os.path.join(self.dir, f"{step:07d}.png"), grid)
+        return {"samples": grid}
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float images -> uint8."""
+    return np.asarray(np.clip((np.asarray(images, np.float32) + 1) * 127.5 + 0.5, 0, 255), np.uint8)
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) image on white."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y:y + h, x:x + w] = img if c == 3 else np.repeat(img, 3, axis=-1)
+    return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path + ".tmp.png"
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)

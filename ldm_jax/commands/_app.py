@@ -28,6 +28,8 @@ def start(main, argv: list[str], *, uses_config: bool = False) -> None:
     if uses_config:
         preflight_or_exit(argv[1:])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in argv[1:]):
+        argv = [*argv, "--verbosity=-1"]  # warnings and errors only (Orbax logs every file at INFO)
     try:
         app.run(main, argv=argv)
     except flags.Error as e:  # pragma: no cover - absl prints and exits itself in app.run

@@ -154,35 +154,69 @@ def make_task(config, workdir: str):
     return task, callbacks
 
 
+class Generator:
+    """Text -> uint8 images from U-Net parameters: one jit per (batch, sampler, steps, guidance).
+
+    Image i of a call uses noise from ``fold_in(PRNGKey(seed), i)``, so any single image reproduces alone.
+    """
+
+    def __init__(self, model: LatentDiffusion, frozen, latent_shape):
+        self.model, self.frozen, self.latent_shape = model, frozen, tuple(latent_shape)
+        self.uids, self.umask = model.text.tokenize([""])
+        self._jits = {}
+
+    def _fn(self, sampler: str, num_steps: int, guidance_scale: float):
+        key = (sampler, num_steps, guidance_scale)
+        if key not in self._jits:
+            self._jits[key] = jax.jit(lambda u, v, te, ids, mask, uids, umask, noise, rng: self.model.generate(
+                u, v, te, ids, mask, uids, umask, noise, guidance_scale=guidance_scale, sampler=sampler,
+                num_steps=num_steps, rng=rng))
+        return self._jits[key]
+
+    def __call__(self, unet_params, prompts, *, seed: int = 0, sampler: str = "ddim", num_steps: int = 20,
+                 guidance_scale: float = 3.0) -> np.ndarray:
+        ids, mask = self.model.text.tokenize(list(prompts))
+        base = jax.random.PRNGKey(seed)
+        noise = jnp.stack([jax.random.normal(jax.random.fold_in(base, i), self.latent_shape)
+                           for i in range(len(ids))])
+        fn = self._fn(str(sampler), int(num_steps), float(guidance_scale))
+        x = fn(unbox(unet_params), self.frozen["vae"], self.frozen["text"], ids, mask, self.uids, self.umask, noise,
+               jax.random.fold_in(base, 1 << 20))
+        return to_uint8(x)
+
+
 class SampleGrid:
     """Callback: every ``sample.every_steps`` a grid of ``sample.prompts`` from the EMA parameters."""
 
     def __init__(self, model: LatentDiffusion, frozen, config, workdir: str, latent_shape):
         s = config.sample
-        self.every, self.model, self.frozen = int(s.every_steps), model, frozen
-        self.prompts = list(s.prompts)
-        self.ids, self.mask = model.text.tokenize(self.prompts)
-        self.uids, self.umask = model.text.tokenize([""])
-        keys = [jax.random.fold_in(jax.random.PRNGKey(int(s.seed)), i) for i in range(len(self.prompts))]
-        self.noise = jnp.stack([jax.random.normal(k, latent_shape) for k in keys])
-        self.rng = jax.random.PRNGKey(int(s.seed) + 1)
+        self.every, self.prompts = int(s.every_steps), list(s.prompts)
+        self.options = dict(seed=int(s.seed), sampler=str(s.sampler), num_steps=int(s.num_steps),
+                            guidance_scale=float(s.guidance_scale))
+        self.generator = Generator(model, frozen, latent_shape)
         self.dir = os.path.join(workdir, "samples")
-        self._gen = jax.jit(lambda u, v, te, *a: model.generate(
-            u, v, te, *a, guidance_scale=float(s.guidance_scale), sampler=str(s.sampler),
-            num_steps=int(s.num_steps), rng=self.rng))
-
-    def images(self, unet_params) -> np.ndarray:
-        x = self._gen(unbox(unet_params), self.frozen["vae"], self.frozen["text"], self.ids, self.mask, self.uids,
-                      self.umask, self.noise)
-        return to_uint8(x)
 
     def __call__(self, step, state):
         if step % self.every or jax.process_index() != 0:
             return None
-        grid = image_grid(self.images(state.ema_params))
+        grid = image_grid(self.generator(state.ema_params, self.prompts, **self.options))
         os.makedirs(self.dir, exist_ok=True)
         save_png(os.path.join(self.dir, f"{step:07d}.png"), grid)
         return {"samples": grid}
+
+
+def load_generator(workdir: str, config=None) -> tuple[Generator, object]:
+    """(Generator, EMA U-Net params) of a trained stage-2 workdir."""
+    import ml_collections
+
+    from ldm_jax.training.checkpoint import read_config, restore_params
+
+    config = config or ml_collections.ConfigDict(read_config(workdir))
+    model, frozen, _, _ = build(config)
+    dcfg = components.data_config(config, max_length=model.text.max_length)
+    f = model.vae.config.downsample_factor
+    shape = (dcfg.resolution // f, dcfg.resolution // f, model.vae.config.latent_channels)
+    return Generator(model, frozen, shape), components.as_arrays(restore_params(workdir, ema=True))
 
 
 def to_uint8(images) -> np.ndarray:

@@ -3,14 +3,24 @@
 Layout is (batch, length, heads, head_dim), the layout of ``jax.nn.dot_product_attention``, so the
 cuDNN flash kernel is used on GPU when it applies; ``implementation="xla"`` (or any failure of the
 fused path to apply) falls back to an explicit einsum/softmax computed in float32.
+
+The modules below (multi-head attention, GEGLU feed-forward, the transformer block and the spatial
+transformer of the Stable-Diffusion U-Net, the autoencoder's single-head spatial self-attention) all go
+through ``dot_product_attention``. Parameter names follow diffusers (``to_q``, ``to_out_0``, ``ff/net_0``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.layers import GroupNorm, LayerNorm, dense, maybe_remat, sequence_constraint
 from ldm_jax.types import Array
+
+Dtype = Any
 
 
 def dot_product_attention(
@@ -30,9 +40,7 @@ def dot_product_attention(
     """
     if implementation != "explicit":
         try:
-            return jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
-            )
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
         except (ValueError, NotImplementedError, TypeError):
             if implementation is not None:
                 raise
@@ -50,3 +58,151 @@ def _explicit_attention(q, k, v, *, mask=None, is_causal=False):
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ---------------------------------------------------------------------------- modules
+class MultiHeadAttention(nn.Module):
+    """Multi-head (cross-)attention (Vaswani et al. 2017) on (B, L, D) sequences.
+
+    q = x Wq, k = c Wk, v = c Wv (c = x for self-attention), split into `num_heads` heads of `head_dim`;
+    out = concat_h(softmax(q_h k_h^T / sqrt(head_dim)) v_h) Wo + bo.
+    """
+
+    num_heads: int
+    head_dim: int
+    out_features: int | None = None
+    qkv_bias: bool = False
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x if context is None else context.astype(self.dtype)
+        inner = self.num_heads * self.head_dim
+        q = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(context)
+        v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(context)
+        split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+        q, k, v = (nn.with_logical_constraint(split(t), ("batch", "length", "heads", "kv")) for t in (q, k, v))
+        o = dot_product_attention(q, k, v, implementation=self.implementation)
+        o = o.reshape(*o.shape[:2], inner)
+        return dense(self.out_features or x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(o)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020): h, g = split(x W + b); out = h * gelu(g), exact erf gelu."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = dense(2 * self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: out = GEGLU(x) W2 + b2 with hidden width `mult` * dim (parameters net_0, net_2)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        h = GEGLU(self.mult * dim, name="net_0", **kw)(x)
+        return dense(dim, ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block of the SD U-Net (Rombach et al. 2022, "BasicTransformerBlock"):
+
+    x += attn1(LN1(x));  x += attn2(LN2(x), context);  x += ff(LN3(x)).
+    """
+
+    num_heads: int
+    head_dim: int
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, implementation=self.implementation, **kw)
+        x = x + MultiHeadAttention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
+        x = x + MultiHeadAttention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
+        x = x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+        return sequence_constraint(x)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of an NHWC map, conditioned on `context` (LDM's SpatialTransformer):
+
+    h = proj_in(GN(x)) flattened to (B, H*W, heads*head_dim); h = blocks(h, context);
+    out = x + proj_out(h) reshaped to (B, H, W, C). proj_in/proj_out are per-pixel linear maps; SD1
+    stores them as 1x1 convs and SD2 as linear layers (identical maths; the converters handle both).
+    `zero_init` starts proj_out at zero, so the block starts as the identity (LDM's zero_module).
+    """
+
+    num_heads: int
+    head_dim: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    zero_init: bool = False
+    remat: bool = False
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wid, c = x.shape
+        inner = self.num_heads * self.head_dim
+        h = GroupNorm(self.norm_num_groups, epsilon=1e-6, name="norm", **kw)(x)
+        h = dense(inner, ("embed", "mlp"), name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+        block = maybe_remat(TransformerBlock, self.remat)
+        for i in range(self.num_layers):
+            h = block(
+                num_heads=self.num_heads,
+                head_dim=self.head_dim,
+                implementation=self.implementation,
+                name=f"transformer_blocks_{i}",
+                **kw,
+            )(h, context)
+        h = dense(c, ("mlp", "embed"), zero_init=self.zero_init, name="proj_out", **kw)(h)
+        return x.astype(h.dtype) + h.reshape(b, hgt, wid, c)
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of an NHWC map (the autoencoder's mid block, LDM):
+
+    out = x + to_out(softmax(q k^T / sqrt(C)) v), with q, k, v = linear maps of GN(x) flattened to (B, HW, C).
+    """
+
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wid, c = x.shape
+        h = GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, name="group_norm", **kw)(x)
+        h = h.reshape(b, hgt * wid, c)
+        # One head of width C: the same parameters as MultiHeadAttention, inlined to keep diffusers' names.
+        q = dense(c, ("embed", "heads"), name="to_q", **kw)(h)
+        k = dense(c, ("embed", "heads"), name="to_k", **kw)(h)
+        v = dense(c, ("embed", "heads"), name="to_v", **kw)(h)
+        o = dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None], implementation=self.implementation)
+        o = dense(c, ("heads", "embed"), name="to_out_0", **kw)(o[:, :, 0])
+        return x.astype(o.dtype) + o.reshape(b, hgt, wid, c)

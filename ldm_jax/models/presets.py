@@ -1,0 +1,54 @@
+"""Named architectures. Each function returns a config (no weights); pass overrides as keyword arguments.
+
+sd15_unet()          Stable Diffusion 1.x U-Net, 859,520,964 parameters
+sd15_inpaint_unet()  the same with 9 input channels (latents, mask, masked-image latents)
+sd21_unet()          Stable Diffusion 2.x U-Net (linear projections, 64-wide heads), 865,910,724
+sd_vae()             the SD 1.x/2.x autoencoder (f = 8, 4 latent channels), 83,653,863
+tiny_unet(), tiny_vae()   a few hundred thousand parameters, for CPU tests and smoke runs
+"""
+
+from __future__ import annotations
+
+from ldm_jax.models.unet import UNetConfig
+from ldm_jax.models.vae import AutoencoderConfig
+
+
+def sd15_unet(**overrides) -> UNetConfig:
+    """SD 1.x (CompVis v1-inference.yaml): 8 heads per level, 1x1-conv projections, CLIP-L context (768)."""
+    return UNetConfig(**overrides)
+
+
+def sd15_inpaint_unet(**overrides) -> UNetConfig:
+    """SD 1.5 inpainting: input = concat(noisy latents 4, mask 1, masked-image latents 4)."""
+    return UNetConfig(**{"in_channels": 9, **overrides})
+
+
+def sd21_unet(**overrides) -> UNetConfig:
+    """SD 2.x (v2-inference-v.yaml): head width 64 (5, 10, 20, 20 heads), linear projections, OpenCLIP-H (1024)."""
+    base = dict(head_dim=64, use_linear_projection=True, cross_attention_dim=1024, sample_size=96)
+    return UNetConfig(**{**base, **overrides})
+
+
+def sd_vae(**overrides) -> AutoencoderConfig:
+    """The KL-f8 autoencoder shared by SD 1.x and 2.x (scaling factor 0.18215)."""
+    return AutoencoderConfig(**overrides)
+
+
+def tiny_unet(**overrides) -> UNetConfig:
+    """Two levels (32, 64 channels), one res block each, 2 heads, 8 norm groups; for tests and CPU runs."""
+    base = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        num_heads=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    return UNetConfig(**{**base, **overrides})
+
+
+def tiny_vae(**overrides) -> AutoencoderConfig:
+    """Three levels (f = 4), 32/64/64 channels, one res block per level, 8 norm groups."""
+    base = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    return AutoencoderConfig(**{**base, **overrides})

@@ -1,0 +1,346 @@
+"""The Stable-Diffusion U-Net (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models"; the UNet2DConditionModel family of diffusers), NHWC.
+
+    emb = MLP(sinusoid(t)) [+ class_embedding(y)]
+    h = conv_in(x); skips = [h]
+    down level l: (ResnetBlock(h, emb) [-> SpatialTransformer(h, context)]) x layers_per_block, each output
+                  pushed to skips; then a stride-2 conv (pushed too), except at the last level
+    mid:          ResnetBlock -> SpatialTransformer -> ResnetBlock
+    up level l:   (concat(h, skips.pop()) -> ResnetBlock [-> SpatialTransformer]) x (layers_per_block + 1);
+                  then nearest 2x upsampling + conv, except at the last level
+    out = conv_out(silu(GN(h)))
+
+Timesteps are in the network's own units (SD: discrete 0..999, floats allowed); a model wrapper maps the
+framework's continuous t in [0, 1] onto them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ldm_jax.models.attention import SpatialTransformer
+from ldm_jax.models.layers import (
+    Downsample,
+    GroupNorm,
+    ResnetBlock,
+    TimestepMLP,
+    Upsample,
+    canonical_dtype,
+    conv,
+    maybe_remat,
+    per_level,
+    spatial_constraint,
+    timestep_embedding,
+)
+from ldm_jax.types import Array, ConfigError, FrozenConfig, PRNGKey, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(FrozenConfig):
+    """Architecture of a conditional U-Net (defaults: Stable Diffusion 1.x).
+
+    Attention heads per level: `num_heads` (an int for every level, or one per level), or, when `head_dim`
+    is set, heads = channels // head_dim (SD 2.x: head_dim=64, i.e. 5, 10, 20, 20 heads).
+    `attention_levels[l]` says whether down level l (and the mirrored up level) has spatial transformers.
+    `num_class_embeds` adds a class embedding to the time embedding (the `y` argument).
+    `zero_init`: zero the last conv of every residual block, every transformer's proj_out and conv_out,
+    so a freshly initialised network starts near the identity / zero output (LDM's zero_module).
+    `attention_impl`: None (XLA), "cudnn" (flash kernel on GPU), "xla" or "explicit".
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    num_heads: int | tuple[int, ...] = 8
+    head_dim: int | None = None
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    num_class_embeds: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    sample_size: int = 64
+    zero_init: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ConfigError("UNetConfig.block_out_channels is empty: give one channel count per level")
+        if len(self.attention_levels) != n:
+            raise ConfigError(
+                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries for {n} levels; "
+                "give one bool per entry of block_out_channels"
+            )
+        per_level(self.num_heads, n, "UNetConfig.num_heads")
+        per_level(self.transformer_layers_per_block, n, "UNetConfig.transformer_layers_per_block")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(f"UNetConfig: channels {c} not divisible by norm_num_groups={self.norm_num_groups}")
+        for c, h in zip(self.block_out_channels, self.heads_per_level()):
+            if c % h:
+                raise ConfigError(f"UNetConfig: channels {c} not divisible by {h} attention heads")
+        canonical_dtype(self.dtype)
+        canonical_dtype(self.param_dtype)
+        if self.attention_impl not in (None, "cudnn", "xla", "explicit"):
+            raise ConfigError(
+                f"UNetConfig.attention_impl={self.attention_impl!r}: use None, 'cudnn', 'xla' or 'explicit'"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    def heads_per_level(self) -> tuple[int, ...]:
+        """Attention heads at each down level (the up path mirrors them; the mid block uses the last)."""
+        if self.head_dim is not None:
+            return tuple(max(1, c // self.head_dim) for c in self.block_out_channels)
+        return per_level(self.num_heads, self.num_levels, "UNetConfig.num_heads")
+
+    def transformer_layers(self) -> tuple[int, ...]:
+        return per_level(self.transformer_layers_per_block, self.num_levels, "transformer_layers_per_block")
+
+
+class DownBlock(nn.Module):
+    """One down level: (ResnetBlock [-> SpatialTransformer]) x num_layers [-> stride-2 conv].
+
+    Returns (h, outputs) where outputs are the states pushed onto the U-Net's skip stack.
+    """
+
+    features: int
+    num_layers: int
+    attention: bool
+    num_heads: int
+    transformer_layers: int
+    downsample: bool
+    config: UNetConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, emb: Array, context: Array) -> tuple[Array, list[Array]]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        res, attn = _block_factories(self.config, kw)
+        outputs = []
+        for j in range(self.num_layers):
+            h = res(self.features, f"resnets_{j}")(h, emb)
+            if self.attention:
+                h = attn(self.features, self.num_heads, self.transformer_layers, f"attentions_{j}")(h, context)
+            outputs.append(h)
+        if self.downsample:
+            h = Downsample(self.features, name="downsamplers_0", **kw)(h)
+            outputs.append(h)
+        return h, outputs
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock -> SpatialTransformer -> ResnetBlock at the lowest resolution."""
+
+    features: int
+    num_heads: int
+    transformer_layers: int
+    config: UNetConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, emb: Array, context: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        res, attn = _block_factories(self.config, kw)
+        h = res(self.features, "resnets_0")(h, emb)
+        h = attn(self.features, self.num_heads, self.transformer_layers, "attentions_0")(h, context)
+        return res(self.features, "resnets_1")(h, emb)
+
+
+class UpBlock(nn.Module):
+    """One up level: (concat skip -> ResnetBlock [-> SpatialTransformer]) x num_layers [-> upsample].
+
+    `skips` are consumed last-first; `upsample_size` is the spatial size of the next level's skips (so
+    odd input sizes round-trip the way diffusers does it).
+    """
+
+    features: int
+    num_layers: int
+    attention: bool
+    num_heads: int
+    transformer_layers: int
+    upsample: bool
+    config: UNetConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, emb, context, skips: list[Array], upsample_size=None) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        res, attn = _block_factories(self.config, kw)
+        for j in range(self.num_layers):
+            skip = skips[-1 - j]
+            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+            h = res(self.features, f"resnets_{j}")(h, emb)
+            if self.attention:
+                h = attn(self.features, self.num_heads, self.transformer_layers, f"attentions_{j}")(h, context)
+        if self.upsample:
+            h = Upsample(self.features, name="upsamplers_0", **kw)(h, upsample_size)
+        return h
+
+
+def _block_factories(cfg: UNetConfig, kw: dict):
+    """(res(features, name), attn(features, heads, layers, name)) module constructors for one block."""
+    res_cls = maybe_remat(ResnetBlock, cfg.remat)
+
+    def res(features, name):
+        return res_cls(
+            features,
+            norm_num_groups=cfg.norm_num_groups,
+            norm_eps=cfg.norm_eps,
+            zero_init=cfg.zero_init,
+            name=name,
+            **kw,
+        )
+
+    def attn(features, heads, layers, name):
+        return SpatialTransformer(
+            num_heads=heads,
+            head_dim=features // heads,
+            num_layers=layers,
+            norm_num_groups=cfg.norm_num_groups,
+            zero_init=cfg.zero_init,
+            remat=cfg.remat,
+            implementation=cfg.attention_impl,
+            name=name,
+            **kw,
+        )
+
+    return res, attn
+
+
+class UNet(nn.Module):
+    """Conditional U-Net: ``apply({"params": p}, x, timesteps, context, y=None)``.
+
+    x: (B, H, W, in_channels); timesteps: (B,) or scalar, the network's own units; context: (B, L,
+    cross_attention_dim); y: (B,) int class labels when `num_class_embeds` is set. Returns
+    (B, H, W, out_channels) in `dtype`. `dtype` / `param_dtype` override the config's when given.
+    """
+
+    config: UNetConfig
+    dtype: Any = None
+    param_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, timesteps: Array, context: Array, y: Array | None = None) -> Array:
+        cfg = self.config
+        _check_inputs(cfg, x, timesteps, context, y)
+        dtype = canonical_dtype(self.dtype if self.dtype is not None else cfg.dtype)
+        pdtype = canonical_dtype(self.param_dtype if self.param_dtype is not None else cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=pdtype)
+        emb = self._embed(x.shape[0], timesteps, y, kw)
+        context = context.astype(dtype)
+        heads, layers = cfg.heads_per_level(), cfg.transformer_layers()
+        n, chans = cfg.num_levels, cfg.block_out_channels
+
+        h = spatial_constraint(conv(chans[0], 3, name="conv_in", **kw)(x.astype(dtype)))
+        skips = [h]
+        for l in range(n):
+            block = DownBlock(
+                chans[l],
+                cfg.layers_per_block,
+                cfg.attention_levels[l],
+                heads[l],
+                layers[l],
+                downsample=l < n - 1,
+                config=cfg,
+                name=f"down_blocks_{l}",
+                **kw,
+            )
+            h, outs = block(h, emb, context)
+            skips.extend(outs)
+        h = MidBlock(chans[-1], heads[-1], layers[-1], config=cfg, name="mid_block", **kw)(h, emb, context)
+        for i in range(n):
+            l = n - 1 - i  # the down level this up level mirrors
+            k = cfg.layers_per_block + 1
+            level_skips, skips = skips[-k:], skips[:-k]
+            size = skips[-1].shape[1:3] if skips else None
+            block = UpBlock(
+                chans[l],
+                k,
+                cfg.attention_levels[l],
+                heads[l],
+                layers[l],
+                upsample=i < n - 1,
+                config=cfg,
+                name=f"up_blocks_{i}",
+                **kw,
+            )
+            h = block(h, emb, context, level_skips, size)
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
+        return conv(cfg.out_channels, 3, zero_init=cfg.zero_init, name="conv_out", **kw)(h)
+
+    def _embed(self, batch: int, timesteps: Array, y: Array | None, kw: dict) -> Array:
+        cfg = self.config
+        c0 = cfg.block_out_channels[0]
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+        t_emb = timestep_embedding(t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        emb = TimestepMLP(4 * c0, name="time_embedding", **kw)(t_emb)
+        if cfg.num_class_embeds is not None:
+            table = nn.Embed(
+                cfg.num_class_embeds,
+                4 * c0,
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                name="class_embedding",
+                **kw,
+            )
+            emb = emb + table(jnp.asarray(y, jnp.int32).reshape(-1))
+        return emb
+
+
+def _check_inputs(cfg: UNetConfig, x, timesteps, context, y) -> None:
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+        raise ValueError(
+            f"UNet: x has shape {tuple(x.shape)}, expected (B, H, W, {cfg.in_channels}) NHWC; "
+            "transpose NCHW inputs with x.transpose(0, 2, 3, 1)"
+        )
+    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
+        raise ValueError(
+            f"UNet: context has shape {tuple(context.shape)}, expected ({x.shape[0]}, L, "
+            f"{cfg.cross_attention_dim}) — the text encoder's hidden states"
+        )
+    t_shape = jnp.shape(timesteps)
+    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"UNet: timesteps has shape {t_shape}, expected ({x.shape[0]},) or a scalar")
+    if (cfg.num_class_embeds is None) != (y is None):
+        fix = "pass y=(B,) int labels" if y is None else "drop y, or set num_class_embeds in the config"
+        given = "None" if y is None else "given"
+        raise ValueError(f"UNet: num_class_embeds={cfg.num_class_embeds} but y is {given}; {fix}")
+
+
+def unet_example_inputs(cfg: UNetConfig, batch: int = 1, resolution: int | None = None, seq_len: int = 1):
+    """Zero inputs (x, timesteps, context, y) of the right shapes, e.g. for init / eval_shape."""
+    r = resolution or 2 ** (cfg.num_levels - 1)
+    x = jnp.zeros((batch, r, r, cfg.in_channels), jnp.float32)
+    t = jnp.zeros((batch,), jnp.float32)
+    ctx = jnp.zeros((batch, seq_len, cfg.cross_attention_dim), jnp.float32)
+    y = None if cfg.num_class_embeds is None else jnp.zeros((batch,), jnp.int32)
+    return x, t, ctx, y
+
+
+def init_unet(cfg: UNetConfig, rng: PRNGKey, resolution: int | None = None) -> PyTree:
+    """Random parameters (boxed with logical axis names; ``models.unbox`` strips them)."""
+    return UNet(cfg).init(rng, *unet_example_inputs(cfg, resolution=resolution))["params"]
+
+
+def unet_param_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
+    """Flat {'down_blocks_0/resnets_0/conv1/kernel': shape} from eval_shape — no weights allocated."""
+    from ldm_jax.models.layers import param_shapes
+
+    return param_shapes(UNet(cfg), *unet_example_inputs(cfg))

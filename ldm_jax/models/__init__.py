@@ -32,6 +32,20 @@ from ldm_jax.models.attention import (
 )
 from ldm_jax.models.layers import GroupNorm, LayerNorm, ResnetBlock, count_params, timestep_embedding, unbox
 from ldm_jax.models.presets import sd15_inpaint_unet, sd15_unet, sd21_unet, sd_vae, tiny_unet, tiny_vae
+from ldm_jax.models.text import (
+    BertConfig,
+    BertEncoder,
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    clip_l14,
+    mean_pool,
+    minilm_l6,
+    openclip_h14_text,
+    tiny_bert,
+    tiny_clip_text,
+)
+from ldm_jax.models.text_encoder import TextEncoder
+from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.models.unet import UNet, UNetConfig, init_unet, unet_example_inputs, unet_param_shapes
 from ldm_jax.models.vae import (
     AutoencoderConfig,
@@ -41,20 +55,6 @@ from ldm_jax.models.vae import (
     vae_example_inputs,
     vae_param_shapes,
 )
-
-# --- text encoders (ldm_jax.models.text, written by the text-encoder helper) -------------------------
-# LEAD: finalize this spot. CLIPTextEncoder, BertEncoder, CLIPTextConfig, BertConfig are re-exported
-# lazily so this package imports whether or not text.py exists yet.
-_TEXT_NAMES = ("CLIPTextEncoder", "BertEncoder", "CLIPTextConfig", "BertConfig")
-
-
-def __getattr__(name):
-    if name in _TEXT_NAMES:
-        from ldm_jax.models import text
-
-        return getattr(text, name)
-    raise AttributeError(f"module 'ldm_jax.models' has no attribute '{name}'")
-
 
 __all__ = [
     "AutoencoderConfig",
@@ -86,5 +86,17 @@ __all__ = [
     "unet_param_shapes",
     "vae_example_inputs",
     "vae_param_shapes",
-    *_TEXT_NAMES,
+    "BertConfig",
+    "BertEncoder",
+    "CLIPTextConfig",
+    "CLIPTextEncoder",
+    "CLIPTokenizer",
+    "TextEncoder",
+    "WordPieceTokenizer",
+    "clip_l14",
+    "mean_pool",
+    "minilm_l6",
+    "openclip_h14_text",
+    "tiny_bert",
+    "tiny_clip_text",
 ]

@@ -1,0 +1,22 @@
+"""Data: tfds builders (array_record, no TensorFlow), grain pipelines, tokenization, latent caching.
+
+    from ldm_jax import data
+    it = data.make_iterator(data.DataConfig(name="shapes", resolution=32, batch_size=16), tokenizer=tok)
+    batch = next(it)            # {"image": (16, 32, 32, 3) float32 in [-1, 1], "caption", "input_ids", ...}
+    state = it.get_state()      # JSON-serializable; it.set_state(state) resumes exactly
+    data.score_images(images, batch["caption"])   # shapes attribute checker
+"""
+
+from ldm_jax.data.builders import BUILDERS, BuildResult, make_builder, prepare, resolve_data_dir
+from ldm_jax.data.common import DataError
+from ldm_jax.data.latent_cache import LatentCache, build_latent_cache
+from ldm_jax.data.pipeline import DataConfig, DataIterator, make_global_batch, make_iterator
+from ldm_jax.data.shapes import HELDOUT_PAIRS, attrs_from_captions, caption_to_attrs
+from ldm_jax.data.shapes_checker import ShapesChecker, score_images
+from ldm_jax.data.tokenize import as_tokenize_fn
+
+__all__ = [
+    "BUILDERS", "BuildResult", "DataConfig", "DataError", "DataIterator", "HELDOUT_PAIRS", "LatentCache",
+    "ShapesChecker", "as_tokenize_fn", "attrs_from_captions", "build_latent_cache", "caption_to_attrs",
+    "make_builder", "make_global_batch", "make_iterator", "prepare", "resolve_data_dir", "score_images",
+]

@@ -1,0 +1,177 @@
+"""Latent cache: autoencoder posteriors and text-encoder outputs precomputed once, read by the same pipeline.
+
+``build_latent_cache`` runs the source dataset once, in order and without augmentation, through
+``encode_images_fn`` (images in [-1, 1], (B, H, W, C) -> posterior ``(mean, std)``) and ``encode_text_fn``
+(captions -> (B, L, D) array or dict of arrays), and writes one array_record record per example plus
+``manifest.json`` (record layout, shapes, dtypes, encoder ids, source settings) and ``uncond.npz`` (the text
+arrays of the empty caption, used for caption dropout). The latent diffusion stage then reads
+``DataConfig(latent_cache=out_dir, ...)``: shuffled, sharded and checkpointable like images, with batches
+``latent_mean``, ``latent_std``, the text arrays, ``caption`` and ``index``; it draws
+``z = mean + std * eps`` itself each step, as in Rombach et al. (2022), Sec. 3.
+
+Record layout: the raw bytes of every array field in manifest order, then the UTF-8 caption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ldm_jax.data.common import DataError
+
+MANIFEST = "manifest.json"
+UNCOND = "uncond.npz"
+RECORDS = "latents.array_record"
+_FORMAT_VERSION = 1
+_RESERVED = ("latent_mean", "latent_std", "caption", "index")
+# Source settings that change the cached content; a cache is reused only when they match.
+_SOURCE_KEYS = ("name", "split", "data_dir", "builder_kwargs", "resolution", "channels", "center_crop",
+                "image_key", "caption_key", "caption_template")
+
+
+def _field_specs(arrays: Mapping[str, np.ndarray]) -> list[dict]:
+    return [{"name": k, "shape": list(v.shape[1:]), "dtype": v.dtype.str} for k, v in arrays.items()]
+
+
+def encode_record(fields: list[dict], arrays: Mapping[str, np.ndarray], i: int, caption: str) -> bytes:
+    parts = [np.ascontiguousarray(arrays[f["name"]][i], dtype=np.dtype(f["dtype"])).tobytes() for f in fields]
+    return b"".join(parts) + caption.encode("utf-8")
+
+
+def decode_record(fields: list[dict], record: bytes) -> dict:
+    out, offset = {}, 0
+    for f in fields:
+        dtype = np.dtype(f["dtype"])
+        count = math.prod(f["shape"])
+        value = np.frombuffer(record, dtype, count, offset).reshape(f["shape"])
+        out[f["name"]] = value.astype(np.float32) if dtype.kind == "f" else value.copy()
+        offset += count * dtype.itemsize
+    out["caption"] = record[offset:].decode("utf-8")
+    return out
+
+
+class LatentCache:
+    """Random-access reader of a latent cache directory (a grain data source)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            raise DataError(f"no latent cache at {self.path} ({MANIFEST} missing); build it with build_latent_cache")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format_version") != _FORMAT_VERSION:
+            raise DataError(f"latent cache {self.path} has format {self.manifest.get('format_version')}, "
+                            f"this code reads {_FORMAT_VERSION}; rebuild it")
+        import grain
+
+        self._source = grain.sources.ArrayRecordDataSource([str(self.path / RECORDS)])
+        with np.load(self.path / UNCOND) as uncond:
+            self.uncond = {k: uncond[k].astype(np.float32 if uncond[k].dtype.kind == "f" else uncond[k].dtype)
+                           for k in uncond.files}
+
+    @property
+    def fields(self) -> list[dict]:
+        return self.manifest["fields"]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> dict:
+        return decode_record(self.fields, self._source[i])
+
+    @staticmethod
+    def to_example(index: int, record: dict) -> dict:
+        """map_with_index hook: records are already examples (their `index` is the source's)."""
+        return record
+
+
+def _as_text_arrays(out) -> dict[str, np.ndarray]:
+    arrays = {k: np.asarray(v) for k, v in out.items()} if isinstance(out, Mapping) else {
+        "text_embedding": np.asarray(out)}
+    clash = [k for k in arrays if k in _RESERVED]
+    if clash:
+        raise ValueError(f"encode_text_fn returned reserved key(s) {clash}; rename them")
+    return arrays
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    if len(batch) == size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+def _source_settings(cfg) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in _SOURCE_KEYS}))
+
+
+def _reuse_existing(out: Path, settings: dict, encoder_ids: dict, overwrite: bool) -> bool:
+    if not (out / MANIFEST).exists() or overwrite:
+        return False
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("source") == settings and manifest.get("encoder_ids") == encoder_ids:
+        return True
+    raise DataError(f"latent cache {out} was built from other data or encoders; use another out_dir "
+                    "or overwrite=True")
+
+
+def build_latent_cache(
+    source_cfg,
+    encode_images_fn: Callable[[np.ndarray], tuple],
+    encode_text_fn: Callable[[list[str]], object],
+    out_dir: str | os.PathLike,
+    batch_size: int,
+    *,
+    encoder_ids: Mapping[str, str] | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> LatentCache:
+    """Encodes every example of `source_cfg`'s split once and writes the cache to `out_dir`.
+
+    Both encoders always see full batches of `batch_size` (the last one padded), so jitted encoders
+    compile once. A cache already in `out_dir` built from the same source settings and `encoder_ids`
+    is reused. `dtype` ("float32" or "float16") is the stored precision; reading gives float32.
+    """
+    from tqdm.auto import tqdm
+
+    from ldm_jax.data.pipeline import DataConfig, make_iterator
+
+    cfg = source_cfg if isinstance(source_cfg, DataConfig) else DataConfig.from_config(source_cfg)
+    cfg = cfg.replace(shuffle=False, flip=False, caption_dropout=0.0, num_epochs=1, drop_remainder=False,
+                      batch_size=batch_size, latent_cache=None)
+    out, encoder_ids = Path(out_dir).expanduser(), dict(encoder_ids or {})
+    settings = _source_settings(cfg)
+    if _reuse_existing(out, settings, encoder_ids, overwrite):
+        return LatentCache(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    iterator = make_iterator(cfg)
+    writer = ArrayRecordWriter(str(out / RECORDS), "group_size:1")
+    fields, store = None, np.dtype(dtype)
+    try:
+        for batch in tqdm(iterator, total=math.ceil(iterator.num_examples / batch_size), desc="latent cache"):
+            n = len(batch["index"])
+            mean, std = encode_images_fn(_pad(batch["image"], batch_size))
+            text = _as_text_arrays(encode_text_fn(list(batch["caption"]) + [""] * (batch_size - n)))
+            arrays = {"latent_mean": np.asarray(mean, store)[:n], "latent_std": np.asarray(std, store)[:n]}
+            arrays.update({k: (v.astype(store) if v.dtype.kind == "f" else v)[:n] for k, v in text.items()})
+            arrays.update({k: v for k, v in batch.items() if k not in ("image", "caption")})
+            fields = fields or _field_specs(arrays)
+            for i in range(n):
+                writer.write(encode_record(fields, arrays, i, str(batch["caption"][i])))
+    finally:
+        writer.close()
+    uncond = _as_text_arrays(encode_text_fn([""] * batch_size))
+    np.savez(out / UNCOND, **{k: (v.astype(store) if v.dtype.kind == "f" else v)[0] for k, v in uncond.items()})
+    manifest = {"format_version": _FORMAT_VERSION, "num_examples": iterator.num_examples, "fields": fields,
+                "encoder_ids": encoder_ids, "source": settings, "stored_dtype": store.name}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST)  # written last: its presence marks a complete cache
+    return LatentCache(out)

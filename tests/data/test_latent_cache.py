@@ -1,0 +1,122 @@
+"""Latent cache: round trip with toy encoders, reuse, dropout to the empty-caption embedding, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm_jax.data import latent_cache
+from ldm_jax.data.common import DataError
+from ldm_jax.data.latent_cache import LatentCache, build_latent_cache
+from ldm_jax.data.pipeline import make_iterator
+
+BATCH = 24  # does not divide the 40 test examples: the last batch is padded
+
+
+class ToyEncoders:
+    """Deterministic stand-ins: 4x4 mean pooling for the VAE, character codes for the text encoder."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def images(self, images):
+        assert images.shape == (BATCH, 32, 32, 3)  # always full batches
+        self.calls += 1
+        mean = images.reshape(BATCH, 8, 4, 8, 4, 3).mean(axis=(2, 4))
+        return mean, 0.1 + np.abs(mean)
+
+    @staticmethod
+    def text(captions):
+        assert len(captions) == BATCH
+        codes = np.zeros((BATCH, 6, 2), np.float32)
+        for i, c in enumerate(captions):
+            chars = [ord(ch) / 128.0 for ch in c[:6]]
+            codes[i, : len(chars), 0] = chars
+            codes[i, :, 1] = len(c)
+        return {"hidden": codes, "mask": (codes[..., 0] > 0).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def source(shapes_cfg):
+    return {**shapes_cfg, "split": "test", "num_threads": 0}
+
+
+@pytest.fixture(scope="module")
+def cache(source, tmp_path_factory):
+    enc = ToyEncoders()
+    out = tmp_path_factory.mktemp("latents")
+    result = build_latent_cache(source, enc.images, enc.text, out, BATCH,
+                                encoder_ids={"vae": "toy-pool4", "text": "toy-chars"})
+    return result, enc, out
+
+
+def test_cache_round_trip_matches_direct_encoding(cache, shapes32):
+    result, enc, out = cache
+    manifest = json.loads((out / latent_cache.MANIFEST).read_text())
+    assert manifest["num_examples"] == len(result) == 40 and enc.calls == 2
+    assert manifest["encoder_ids"] == {"vae": "toy-pool4", "text": "toy-chars"}
+    shapes_of = {f["name"]: f["shape"] for f in manifest["fields"]}
+    assert shapes_of["latent_mean"] == [8, 8, 3] and shapes_of["hidden"] == [6, 2] and shapes_of["mask"] == [6]
+    src = shapes32.source("test")
+    seen = set()
+    for k in range(len(result)):
+        record = result[k]
+        i = int(record["index"])
+        seen.add(i)
+        image = np.repeat((src[i]["image"] / 127.5 - 1.0)[None], BATCH, axis=0).astype(np.float32)
+        mean, std = ToyEncoders().images(image)
+        np.testing.assert_allclose(record["latent_mean"], mean[0], atol=1e-6)
+        np.testing.assert_allclose(record["latent_std"], std[0], atol=1e-6)
+        caption = src[i]["caption"].decode()
+        assert record["caption"] == caption and record["color"] == src[i]["color"]
+        np.testing.assert_array_equal(record["hidden"], ToyEncoders.text([caption] * BATCH)["hidden"][0])
+    assert seen == set(range(40))
+
+
+def test_cache_feeds_the_pipeline_with_dropout_and_resume(cache):
+    result, _, out = cache
+    cfg = {"latent_cache": str(out), "batch_size": 8, "caption_dropout": 0.4, "seed": 2, "num_threads": 0}
+    it = make_iterator(cfg)
+    batches = [next(it) for _ in range(10)]  # 5 steps per epoch: two epochs
+    batch = batches[0]
+    assert batch["latent_mean"].shape == (8, 8, 8, 3) and batch["hidden"].dtype == np.float32
+    assert batch["mask"].dtype == np.int32 and "image" not in batch
+    empty = ToyEncoders.text([""] * BATCH)
+    by_index = {int(result[k]["index"]): result[k] for k in range(len(result))}
+    dropped = 0
+    for b in batches:
+        for row, i in enumerate(b["index"]):
+            if b["caption"][row] == "":
+                dropped += 1
+                np.testing.assert_array_equal(b["hidden"][row], empty["hidden"][0])
+                np.testing.assert_array_equal(b["mask"][row], empty["mask"][0])
+            else:
+                np.testing.assert_array_equal(b["hidden"][row], by_index[int(i)]["hidden"])
+            np.testing.assert_array_equal(b["latent_mean"][row], by_index[int(i)]["latent_mean"])
+    assert 10 < dropped < 55
+    resumed = make_iterator(cfg)
+    [next(resumed) for _ in range(3)]
+    state = json.loads(json.dumps(resumed.get_state()))
+    again = make_iterator(cfg)
+    again.set_state(state)
+    for expected in batches[3:10]:
+        got = next(again)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_cache_is_reused_and_guarded(cache, source, tmp_path):
+    _, _, out = cache
+    enc = ToyEncoders()
+    ids = {"vae": "toy-pool4", "text": "toy-chars"}
+    build_latent_cache(source, enc.images, enc.text, out, BATCH, encoder_ids=ids)
+    assert enc.calls == 0  # reused
+    with pytest.raises(DataError, match="other data or encoders"):
+        build_latent_cache(source, enc.images, enc.text, out, BATCH, encoder_ids={"vae": "other"})
+    half = build_latent_cache(source, enc.images, enc.text, tmp_path / "f16", BATCH, encoder_ids=ids,
+                              dtype="float16")
+    full = LatentCache(out)
+    assert half.manifest["stored_dtype"] == "float16"
+    np.testing.assert_allclose(half[3]["latent_mean"], full[3]["latent_mean"], atol=2e-3)
+    with pytest.raises(DataError, match="no latent cache"):
+        LatentCache(tmp_path / "nothing")

@@ -32,13 +32,14 @@ def get_config(arg=None):
     if arg == "tiny":
         c.data.resolution = 16
         c.data.batch_size = 8
-        c.data.builder_kwargs = {"num_train": 64}
+        c.data.builder_kwargs = {"num_train": 64, "num_test": 16, "num_heldout": 16}
         c.model.vae.block_out_channels = (8, 16)
         c.model.vae.norm_num_groups = 4
-        c.train.num_steps = 4
-        c.train.log_every_steps = 2
-        c.checkpoint.every_steps = 2
-        c.sample.every_steps = 4
+        c.train.num_steps = 30
+        c.train.log_every_steps = 10
+        c.optimizer.warmup_steps = 5
+        c.checkpoint.every_steps = 10
+        c.sample.every_steps = 30
         c.mesh.data = 1
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant '{arg}' of shapes_autoencoder: use 'tiny' or nothing")

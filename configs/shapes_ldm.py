@@ -43,7 +43,7 @@ def get_config(arg=None):
     if arg == "tiny":
         c.data.resolution = 16
         c.data.batch_size = 8
-        c.data.builder_kwargs = {"num_train": 64}
+        c.data.builder_kwargs = {"num_train": 64, "num_test": 16, "num_heldout": 16}
         c.model.unet.block_out_channels = (16, 32)
         c.model.unet.attention_levels = (False, True)
         c.model.unet.num_heads = 2

@@ -64,6 +64,8 @@ def run_demo(workdir: str, variant: str = "") -> dict:
     ldm_cfg = load_config(str(_CONFIGS / "shapes_ldm.py") + suffix)
     ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(workdir, "ldm")
     ldm_cfg.model.vae.workdir = ae_dir
+    for cfg in (ae_cfg, ldm_cfg):  # the dataset lives with the run: deleting the workdir starts fresh
+        cfg.data.data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
     print(f"[demo 1/3] autoencoder -> {ae_dir}", flush=True)
     run(ae_cfg, ae_dir)
     print(f"[demo 2/3] latent diffusion -> {ldm_dir}", flush=True)

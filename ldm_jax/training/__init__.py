@@ -1,0 +1,85 @@
+"""Training: one generic, sharded, resumable loop; each stage is a ``Task``.
+
+    ldm-jax train --config=configs/X.py[:variant] --workdir=DIR      # == run(config, workdir)
+
+``run(config, workdir)`` initialises multi-host JAX when needed, builds the stage's ``Task`` from
+``config.train.stage`` and calls ``train(config, workdir, task, callbacks)``.
+
+The ``Task`` interface (``ldm_jax.training.task``) — what a stage provides:
+
+    Task(name, init, loss_fn, make_iterator, batch_size, frozen=None, init_extra=None, update_extra=None)
+      init(rng) -> params                         shape-first: only traced; may carry nn.Partitioned logical names
+      loss_fn(params, batch, rng, step, *, frozen, extra) -> (scalar loss, {name: scalar})
+      make_iterator(process_index, process_count) -> iterator with get_state() / set_state(state)
+      frozen                                      untrained arrays passed to loss_fn (frozen VAE, text encoder)
+      init_extra(rng) -> extra;  update_extra(extra, params, batch, rng, step, *, frozen) -> (extra, metrics)
+
+The pieces, each usable on its own:
+
+* ``state.TrainState`` (step, params, opt_state, ema_params, rng, nonfinite_count, extra);
+* ``optim``: AdamW + warmup/cosine, clipping, EMA, mixed precision;
+* ``sharding``: mesh, logical axis rules, shape-first sharded init, global batches, multi-host init;
+* ``steps``: the pure ``train_step`` (gradient accumulation, non-finite guard) and its AOT compilation;
+* ``checkpoint.Checkpointer``: Orbax checkpoints with retention, per-process data state, corrupt fallback;
+* ``loop.train``: resume, signals, logging, callbacks;  ``toy``: a tiny stage for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ldm_jax.types import ConfigError, nearest
+
+STAGES = ("autoencoder", "ldm", "toy")
+
+
+def make_stage(config, workdir: str):
+    """(Task, callbacks) of ``config.train.stage`` (plain if/elif: no registry)."""
+    stage = str(config.train.stage)
+    if stage == "toy":
+        from ldm_jax.training import toy
+
+        return toy.make_task(config), []
+    if stage == "autoencoder":
+        from ldm_jax.training import autoencoder
+
+        return autoencoder.make_task(config, workdir)
+    if stage == "ldm":
+        from ldm_jax.training import ldm
+
+        return ldm.make_task(config, workdir)
+    raise ConfigError(f"train.stage='{stage}' is unknown{nearest(stage, STAGES)}: use one of {STAGES}")
+
+
+def run(config, workdir: str):
+    """Entry point of ``ldm-jax train``: exits 2 on a config error and 1 on a non-finite halt (one line)."""
+    from ldm_jax.training.loop import NonFiniteError, train
+    from ldm_jax.training.sharding import maybe_initialize_distributed
+
+    try:
+        maybe_initialize_distributed()
+        task, callbacks = make_stage(config, workdir)
+        return train(config, workdir, task, callbacks=callbacks)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def __getattr__(name):
+    # Lazy re-exports keep ``import ldm_jax.training`` (the CLI) free of jax/orbax imports until needed.
+    if name in ("train", "every", "NonFiniteError"):
+        from ldm_jax.training import loop
+
+        return getattr(loop, name)
+    if name in ("Task",):
+        from ldm_jax.training.task import Task
+
+        return Task
+    if name in ("TrainState",):
+        from ldm_jax.training.state import TrainState
+
+        return TrainState
+    raise AttributeError(f"module 'ldm_jax.training' has no attribute '{name}'")

@@ -1,0 +1,306 @@
+"""The generic training loop: ``train(config, workdir, task, callbacks=())``.
+
+* Resume: rerunning the same command restores the newest good checkpoint of ``workdir`` (state *and*
+  data-iterator position) and continues, so an interrupted run ends with the same parameters, bit for bit,
+  as an uninterrupted one.
+* Preemption: SIGTERM or SIGINT sets a flag; the loop finishes the current step, saves, and returns
+  normally (exit status 0). A second SIGINT interrupts at once.
+* Guard rails: a step with a non-finite loss or gradient never changes the parameters; with
+  ``train.on_nonfinite="halt"`` the loop stops with ``NonFiniteError`` naming the step (the newest
+  checkpoint is the last good state), with ``"skip"`` it warns and goes on.
+* Logging (process 0): ``MetricWriter`` scalars every ``train.log_every_steps`` (means over the interval of
+  loss, grad_norm, lr, the task's metrics, plus images_per_s and step_time_s) and a tqdm progress bar.
+* Callbacks: small callables ``(step, state) -> mapping or None`` run after every step (wrap them in
+  ``every(n, fn)``); scalars in the returned mapping are logged, (H, W, 3) uint8 arrays written as images.
+  Sample grids and evaluation plug in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from ldm_jax.training import sharding as shd
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.optim import OptimizerConfig, make_optimizer
+from ldm_jax.training.state import TrainState, create_state
+from ldm_jax.training.steps import StepConfig, compile_train_step, make_train_step
+from ldm_jax.training.task import Task
+from ldm_jax.training.writers import MetricWriter
+from ldm_jax.types import ConfigError, PyTree, nearest
+
+logger = logging.getLogger("ldm_jax.training")
+
+Callback = Callable[[int, TrainState], Mapping | None]
+ON_NONFINITE = ("halt", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient and ``train.on_nonfinite`` is "halt"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The loop's settings from ``config.train`` and ``config.checkpoint``."""
+
+    num_steps: int
+    seed: int = 0
+    log_every_steps: int = 50
+    on_nonfinite: str = "halt"
+    checkpoint_every: int = 500
+    keep: int = 3
+    keep_every: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> LoopConfig:
+        t, c = config.train, config.checkpoint
+        out = cls(num_steps=int(t.num_steps), seed=int(t.seed), log_every_steps=int(t.log_every_steps),
+                  on_nonfinite=str(t.on_nonfinite), checkpoint_every=int(c.every_steps), keep=int(c.keep),
+                  keep_every=int(c.keep_every))
+        if out.on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(f"train.on_nonfinite='{out.on_nonfinite}' is unknown"
+                              f"{nearest(out.on_nonfinite, ON_NONFINITE)}: use 'halt' or 'skip'")
+        if out.num_steps < 1:
+            raise ConfigError(f"train.num_steps={out.num_steps} must be >= 1")
+        return out
+
+
+def every(num_steps: int, fn: Callback) -> Callback:
+    """Runs ``fn(step, state)`` on steps that are multiples of `num_steps` (never when it is <= 0)."""
+
+    def callback(step: int, state: TrainState):
+        return fn(step, state) if num_steps > 0 and step % num_steps == 0 else None
+
+    return callback
+
+
+class StopSignal:
+    """Context manager: SIGTERM / SIGINT set a flag (checked once per step) instead of killing the process."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self._signals = signals
+        self._previous = {}
+        self.signum: int | None = None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: finishing the current step, saving a checkpoint, then exiting",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in self._signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def requested(self) -> bool:
+        """Whether any process got a signal (all processes agree, so they all save and stop together)."""
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            flag = bool(np.max(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+        return flag
+
+
+class _Meter:
+    """Reads each step's metrics one step late (keeping dispatch asynchronous), checks them, averages them."""
+
+    def __init__(self, on_nonfinite: str, checkpointer: Checkpointer):
+        self.on_nonfinite, self.checkpointer = on_nonfinite, checkpointer
+        self.pending: tuple[int, dict] | None = None
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def push(self, step: int, metrics: dict) -> None:
+        previous, self.pending = self.pending, (step, metrics)
+        if previous is not None:
+            self._consume(*previous)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            previous, self.pending = self.pending, None
+            self._consume(*previous)
+
+    def _consume(self, step: int, metrics: dict) -> None:
+        values = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+        if values["finite"] < 1.0:
+            what = f"non-finite loss or gradients at step {step} (loss={values['loss']}, " \
+                   f"grad_norm={values['grad_norm']})"
+            if self.on_nonfinite == "halt":
+                raise NonFiniteError(f"{what}: halting (train.on_nonfinite='halt'); newest checkpoint is step "
+                                     f"{self.checkpointer.latest_step()}; set train.on_nonfinite='skip' to skip "
+                                     "such steps instead")
+            logger.warning("%s: update skipped (train.on_nonfinite='skip')", what)
+            return
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def summary(self) -> dict[str, float]:
+        out = {k: v / self.count for k, v in self.sums.items() if k != "finite"} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def _config_json(config) -> dict:
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _init_state(task: Task, tx, rng) -> TrainState:
+    init_rng, train_rng, extra_rng = jax.random.split(rng, 3)
+    extra = task.init_extra(extra_rng) if task.init_extra is not None else None
+    return create_state(task.init(init_rng), tx, train_rng, extra)
+
+
+def _global_abstract(local: PyTree, mesh) -> PyTree:
+    sharding = shd.batch_sharding(mesh)
+    count = jax.process_count()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] * count, *np.shape(x)[1:]),
+                                                       np.asarray(x).dtype, sharding=sharding), local)
+
+
+def _next_batch(iterator, step: int) -> PyTree:
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise ConfigError(f"the data iterator ran out before step {step}: make the pipeline repeat "
+                          "(e.g. grain's .repeat(None)) or lower train.num_steps") from None
+
+
+def _trim_metrics(workdir: str, last_step: int) -> None:
+    """Drops logged rows after `last_step` (steps redone after a resume would otherwise appear twice)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _run_callbacks(callbacks: Sequence[Callback], step: int, state: TrainState, writer: MetricWriter) -> None:
+    for callback in callbacks:
+        out = callback(step, state)
+        if not out:
+            continue
+        scalars = {k: v for k, v in out.items() if np.ndim(v) == 0}
+        images = {k: np.asarray(v) for k, v in out.items() if np.ndim(v) == 3}
+        if scalars:
+            writer.write_scalars(step, scalars)
+        if images:
+            writer.write_images(step, images)
+
+
+def _restore_or_init(ckpt: Checkpointer, init_fn, rng, mesh, rules, iterator) -> tuple[TrainState, int]:
+    abstract, shardings = shd.sharded_abstract(init_fn, mesh, rules, rng)
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        state, _ = shd.create_sharded(init_fn, mesh, rules, rng, shardings=shardings)
+        return state, 0
+    step, state, data_state = restored
+    iterator.set_state(data_state)
+    _trim_metrics(os.path.dirname(ckpt.directory), int(step))
+    logger.warning("resumed from checkpoint step %d in %s", step, ckpt.directory)
+    return state, int(step)
+
+
+def train(config, workdir: str, task: Task, callbacks: Sequence[Callback] = ()) -> TrainState:
+    """Trains `task` for ``config.train.num_steps`` steps in `workdir` (resuming from its checkpoints)."""
+    lc = LoopConfig.from_config(config)
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.logical_rules(config.mesh.get("rules"))
+    step_cfg = StepConfig.from_config(config.train)
+    shd.check_batch_size(task.batch_size, mesh, step_cfg.grad_accum)
+    tx, schedule = make_optimizer(OptimizerConfig.from_config(config.optimizer), lc.num_steps)
+    init_fn = functools.partial(_init_state, task, tx)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=lc.keep, keep_every=lc.keep_every)
+    writer = None
+    try:
+        iterator = task.make_iterator(jax.process_index(), jax.process_count())
+        state, start = _restore_or_init(ckpt, init_fn, jax.random.PRNGKey(lc.seed), mesh, rules, iterator)
+        if start >= lc.num_steps:
+            logger.warning("workdir %s is already at step %d >= train.num_steps=%d: nothing to do", workdir, start,
+                           lc.num_steps)
+            return state
+        frozen = shd.place(task.frozen, mesh, rules)
+        first = _next_batch(iterator, start + 1)
+        step_fn = compile_train_step(make_train_step(task, tx, schedule, step_cfg), state, jax.tree.map(
+            lambda x: x.sharding, state), _global_abstract(first, mesh), frozen, mesh, rules)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+        loop = _Loop(lc, ckpt, writer, _config_json(config), task.batch_size)
+        return loop.run(step_fn, state, first, iterator, frozen, mesh, start, callbacks)
+    finally:
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+
+@dataclasses.dataclass
+class _Loop:
+    lc: LoopConfig
+    ckpt: Checkpointer
+    writer: MetricWriter
+    config_json: dict
+    batch_size: int
+
+    def run(self, step_fn, state, first, iterator, frozen, mesh, start, callbacks) -> TrainState:
+        lc, meter = self.lc, _Meter(self.lc.on_nonfinite, self.ckpt)
+        bar = tqdm.tqdm(total=lc.num_steps, initial=start, desc="train", disable=jax.process_index() != 0,
+                        dynamic_ncols=True, mininterval=1.0)
+        clock, last_logged = time.perf_counter(), start
+        try:
+            with StopSignal() as stop:
+                for step in range(start + 1, lc.num_steps + 1):
+                    local = first if step == start + 1 else _next_batch(iterator, step)
+                    state, metrics = step_fn(state, shd.global_batch(local, mesh), frozen)
+                    meter.push(step, metrics)
+                    bar.update(1)
+                    final = step == lc.num_steps
+                    if final or (lc.log_every_steps > 0 and step % lc.log_every_steps == 0):
+                        meter.flush()
+                        clock, last_logged = self._log(meter, step, clock, last_logged, bar), step
+                    _run_callbacks(callbacks, step, state, self.writer)
+                    stopping = stop.requested()
+                    if final or stopping or (lc.checkpoint_every > 0 and step % lc.checkpoint_every == 0):
+                        meter.flush()
+                        self.ckpt.save(step, state, iterator.get_state(), self.config_json)
+                    if stopping:
+                        logger.warning("stopped by signal after step %d; checkpoint saved", step)
+                        break
+                meter.flush()
+        finally:
+            bar.close()
+        return state
+
+    def _log(self, meter: _Meter, step: int, clock: float, last_logged: int, bar) -> float:
+        now = time.perf_counter()
+        steps = max(step - last_logged, 1)
+        scalars = meter.summary()
+        scalars.update(step_time_s=(now - clock) / steps, images_per_s=self.batch_size * steps / max(now - clock, 1e-9))
+        self.writer.write_scalars(step, scalars)
+        if "loss" in scalars:
+            bar.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
+        return now

@@ -1,0 +1,284 @@
+"""`sample`: the whole sampling loop (`lax.scan` over grid steps) inside one `jax.jit`.
+
+The network is ``denoise_fn(x_t, t) -> output`` with x_t variance preserving and t of shape (B,) in
+[0, 1]; the output's kind is `prediction`. The time grid, the sampler step and the denoiser are separate
+pieces (`grids.py`, `samplers.py`, any denoise_fn / guidance transform). The grid is computed by a small
+separate jit and passed to the loop as an array, so changing the spacing, `final` or rho reuses the compiled
+loop: it traces once per (shape, sampler, num_steps, prediction, static options, denoise_fn).
+
+Reproducing diffusers with SD weights: wrap the U-Net as ``lambda x, t: unet(x, schedule.timestep(t), ctx)``
+(timestep = 1000 t - 1 on the 1000-step tables), pick the same sampler and spacing, and start from the same
+x_T in VP scale: diffusers' Euler-type schedulers keep x~ = x / alpha, so their initial latents
+noise * init_noise_sigma correspond to x_T = latents / sqrt(sigma_T^2 + 1) here. Then every network
+evaluation (timestep and input) and every update match diffusers' DDIMScheduler (leading/trailing),
+DDPMScheduler, EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, DPMSolverMultistep (dpmsolver++ and
+sde-dpmsolver++, midpoint) and UniPCMultistep (bh2). Known differences: diffusers' DDIM with ``linspace``
+spacing steps to timestep t - T // N instead of the next grid point (we always step to the next grid
+point); SD's DDIM config (``set_alpha_to_one=False``) is ``final="sigma_min"``.
+
+Logsnr floor: at a zero-terminal-SNR start alpha = 0. Samplers that divide by alpha (euler, euler_ancestral,
+heun, and ddim/ddpm with eps prediction) and dpmpp/unipc (as diffusers does) clamp the grid's logSNR to
+log(2^-24 / (1 - 2^-24)), i.e. sigma/alpha <= 4096, diffusers' choice. ddim/ddpm with v/x0/flow prediction
+use alpha = 0 exactly.
+
+img2img (`init`, `strength`): as diffusers, the last int(N * strength) steps of the N-step grid are run,
+starting from x = alpha init + sigma noise at the first of them. Inpainting (`mask`, `known`): after every
+step, x = mask x + (1 - mask) (alpha_next known + sigma_next noise) with the initial `noise`, so the known
+region (mask = 0) follows the forward process, and after the last step it is exactly `known` (as in
+diffusers' legacy inpainting loop). Both work with every sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.diffusion import samplers as samplers_lib
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice, combine, partition
+from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, SD_SPACINGS, SPACINGS, Grid, time_grid
+from ldm_jax.diffusion.parametrization import PREDICTIONS, to_x0_eps
+from ldm_jax.types import Array, ConfigError, DenoiseFn, PRNGKey
+
+_STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
+
+
+@dataclasses.dataclass(frozen=True)
+class _GridConfig:
+    sampler: str
+    prediction: str
+    num_steps: int
+    spacing: str
+    final: str
+    rho: float
+    sigma_min: float | None
+    sigma_max: float | None
+    t_max: float
+    steps_offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopConfig:
+    sampler: str
+    prediction: str
+    num_steps: int
+    first: int
+    opts: samplers_lib.Options
+
+
+def _grid(schedule, cfg: _GridConfig) -> Grid:
+    grid = time_grid(
+        schedule,
+        cfg.num_steps,
+        cfg.spacing,
+        style=samplers_lib.STYLE[cfg.sampler],
+        final=cfg.final,
+        rho=cfg.rho,
+        sigma_min=cfg.sigma_min,
+        sigma_max=cfg.sigma_max,
+        t_max=cfg.t_max,
+        steps_offset=cfg.steps_offset,
+    )
+    if cfg.sampler in ("ddim", "ddpm") and cfg.prediction != "eps":
+        return grid
+    return Grid(grid.t, jnp.maximum(grid.logsnr, LOGSNR_FLOOR))
+
+
+@functools.partial(jax.jit, static_argnames=("static", "cfg"))
+def _grid_jit(dynamic, static, *, cfg: _GridConfig) -> Grid:
+    return _grid(combine(dynamic, static), cfg)
+
+
+def sampling_grid(
+    schedule,
+    *,
+    sampler: str,
+    num_steps: int,
+    prediction: str = "eps",
+    spacing: str = "uniform",
+    final: str = "zero",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_max: float = 1.0,
+    steps_offset: int = 1,
+) -> Grid:
+    """The Grid (t, logsnr) that `sample` walks for these settings, logSNR floor included."""
+    check_choice("sampler", sampler, samplers_lib.SAMPLERS)
+    cfg = _GridConfig(
+        sampler,
+        prediction,
+        int(num_steps),
+        spacing,
+        final,
+        float(rho),
+        sigma_min,
+        sigma_max,
+        float(t_max),
+        int(steps_offset),
+    )
+    dynamic, static = partition(schedule)
+    return _grid_jit(dynamic, static, cfg=cfg)
+
+
+def make_model(denoise_fn, prediction: str, batch: int):
+    """model(x, t, logsnr) -> (x0_hat, eps_hat): one network evaluation at a scalar grid time."""
+
+    def model(x, t, logsnr):
+        out = denoise_fn(x, jnp.full((batch,), t, dtype=jnp.result_type(float)))
+        alpha, sigma = alpha_sigma_from_logsnr(logsnr)
+        return to_x0_eps(out.astype(x.dtype), x, alpha, sigma, prediction)
+
+    return model
+
+
+@functools.partial(jax.jit, static_argnames=("static", "cfg"))
+def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConfig):
+    """The sampling loop; the grid is an input, so spacing / final / rho changes do not recompile it."""
+    denoise_fn, schedule = combine(dynamic, static)
+    model = make_model(denoise_fn, cfg.prediction, noise.shape[0])
+    ctx = samplers_lib.Ctx(model, grid, schedule, cfg.num_steps, cfg.first, cfg.opts)
+    step = samplers_lib.STEPS[cfg.sampler]
+
+    def at(i):
+        return alpha_sigma_from_logsnr(grid.logsnr[i])
+
+    x = noise
+    if init is not None:
+        alpha, sigma = at(cfg.first)
+        x = alpha * init + sigma * noise
+
+    def body(carry, i):
+        x, state = carry
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        x, state = step(ctx, i, x, state, key)
+        if mask is not None:
+            alpha, sigma = at(i + 1)
+            last = i == cfg.num_steps - 1  # the known region ends exactly at `known`, whatever `final` is
+            alpha, sigma = jnp.where(last, 1.0, alpha), jnp.where(last, 0.0, sigma)
+            x = mask * x + (1.0 - mask) * (alpha * known + sigma * noise)
+        return (x, state), None
+
+    carry = (x, samplers_lib.init_state(cfg.sampler, x))
+    (x, _), _ = jax.lax.scan(body, carry, jnp.arange(cfg.first, cfg.num_steps))
+    return x
+
+
+def _check_options(sampler, prediction, spacing, final, num_steps, strength, variance, schedule):
+    check_choice("sampler", sampler, samplers_lib.SAMPLERS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("spacing", spacing, SPACINGS)
+    check_choice("final", final, FINALS)
+    check_choice("ddpm variance", variance, ("small", "large"))
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"num_steps must be a positive int, got {num_steps!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    if spacing in SD_SPACINGS and schedule.num_train_timesteps is None:
+        raise ConfigError(f"'{spacing}' spacing needs a discrete schedule; use uniform, karras or logsnr")
+
+
+def _check_noise_options(sampler, eta, churn, rng) -> tuple[float, bool]:
+    """Returns (eta, stochastic) after checking that eta/churn suit the sampler and rng is there if needed."""
+    if eta is None:
+        eta = 1.0 if sampler == "euler_ancestral" else 0.0
+    if (eta != 0 and sampler not in ("ddim", "euler_ancestral")) or (
+        churn != 0 and sampler not in ("euler", "heun")
+    ):
+        raise ConfigError(
+            f"sampler '{sampler}' takes neither eta={eta} nor churn={churn}: eta is for ddim and "
+            "euler_ancestral, churn for euler and heun"
+        )
+    stochastic = sampler in _STOCHASTIC or eta > 0 or churn > 0
+    if stochastic and rng is None:
+        raise ConfigError(f"sampler '{sampler}' draws noise: pass rng=jax.random.key(seed)")
+    return float(eta), stochastic
+
+
+def _prepare_arrays(noise, init, mask, known):
+    """Checks img2img / inpainting inputs; samples in at least float32 (bf16 noise is promoted)."""
+    if (mask is None) != (known is None):
+        raise ConfigError("inpainting needs both mask= and known=")
+    for name, arr in (("init", init), ("known", known)):
+        if arr is not None and arr.shape != noise.shape:
+            raise ConfigError(f"{name} has shape {arr.shape}, expected the noise shape {noise.shape}")
+    dtype = jnp.promote_types(noise.dtype, jnp.float32)
+    cast = lambda a: None if a is None else jnp.asarray(a, dtype)
+    if mask is not None:
+        mask = jnp.broadcast_to(cast(mask), noise.shape)
+    return cast(noise), cast(init), mask, cast(known)
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    noise: Array,
+    *,
+    schedule,
+    prediction: str = "eps",
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    rng: PRNGKey | None = None,
+    spacing: str = "uniform",
+    final: str = "zero",
+    eta: float | None = None,
+    churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    variance: str = "small",
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    t_max: float = 1.0,
+    steps_offset: int = 1,
+    init: Array | None = None,
+    strength: float = 1.0,
+    mask: Array | None = None,
+    known: Array | None = None,
+) -> Array:
+    """Runs `sampler` for `num_steps` steps from `noise` (x at the first grid time, VP scale) to x0.
+
+    Args:
+      denoise_fn: ``(x_t, t) -> output``; a plain function is a static jit argument (hashed by identity, so
+        pass the same function object to reuse the compiled loop), a pytree callable
+        (``jax.tree_util.Partial(fn, params)``, `cfg(...)`, `edm_precondition(...)`) passes its arrays as
+        traced arguments, so new params or contexts do not retrace.
+      noise: (B, ...) Gaussian noise; sampling runs in float32 (or wider).
+      schedule: a `Schedule`; prediction: "eps", "x0", "v" or "flow".
+      sampler: ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_2m_sde, unipc.
+      rng: required by stochastic samplers (ddpm, ddim with eta > 0, euler_ancestral, dpmpp_2m_sde, churn);
+        step i draws its noise from ``fold_in(rng, i)``.
+      spacing, final, rho, sigma_min, sigma_max, t_max, steps_offset: the time grid (`grids.time_grid`).
+      eta: ddim's eta (default 0) or euler_ancestral's (default 1).
+      churn, s_tmin, s_tmax, s_noise: EDM's S_churn etc. for heun and euler (Karras et al. 2022, Alg. 2).
+      variance: ddpm's "small" (posterior) or "large" (beta_t) variance.
+      init, strength: img2img; mask, known: inpainting (mask = 1 where new content is generated).
+    """
+    _check_options(sampler, prediction, spacing, final, num_steps, strength, variance, schedule)
+    eta, stochastic = _check_noise_options(sampler, eta, churn, rng)
+    noise, init, mask, known = _prepare_arrays(noise, init, mask, known)
+    first = 0 if init is None else num_steps - min(int(num_steps * strength), num_steps)
+    if first >= num_steps:
+        raise ConfigError(f"strength={strength} leaves no step to run with num_steps={num_steps}")
+    lower_final = True if sampler == "unipc" else (final == "zero" or num_steps < 15)
+    opts = samplers_lib.Options(
+        eta, float(churn), float(s_tmin), float(s_tmax), float(s_noise), variance, lower_final
+    )
+    grid = sampling_grid(
+        schedule,
+        sampler=sampler,
+        num_steps=num_steps,
+        prediction=prediction,
+        spacing=spacing,
+        final=final,
+        rho=rho,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        t_max=t_max,
+        steps_offset=steps_offset,
+    )
+    dynamic, static = partition((denoise_fn, schedule))
+    cfg = _LoopConfig(sampler, prediction, num_steps, first, opts)
+    return _run(dynamic, static, grid, noise, rng if stochastic else None, init, mask, known, cfg=cfg)

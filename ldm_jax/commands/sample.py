@@ -20,7 +20,7 @@ from absl import flags
 from ldm_jax.commands._app import fail, start
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers SD folder, .safetensors/.ckpt file, or ldm_jax workdir.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt (repeat the flag for several).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt, used for every prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line ('#' comments).")
 _INIT = flags.DEFINE_string("init_image", None, "Input image for img2img / inpainting.")

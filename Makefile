@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check ldm_jax configs tests experiments
 
 bench: $(STAMP)
-	$(PY) -m experiments.benchmarks.run_all
+	$(PY) experiments/benchmarks/data_throughput.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -14,7 +14,7 @@ from ldm_jax import diffusion
 from ldm_jax.data import DataConfig
 from ldm_jax.models import presets
 from ldm_jax.models.text_encoder import TextEncoder
-from ldm_jax.types import ConfigError, nearest
+from ldm_jax.types import ConfigError, _freeze, nearest
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
                 "sd15_inpaint": presets.sd15_inpaint_unet}
@@ -41,7 +41,7 @@ def _preset(table: dict, section, what: str, **defaults):
         d.pop(key, None)
     if name not in table:
         raise ConfigError(f"model.{what}.preset='{name}' is unknown{nearest(name, table)}: use one of {sorted(table)}")
-    return table[name](**{**defaults, **d})
+    return table[name](**{k: _freeze(v) for k, v in {**defaults, **d}.items()})
 
 
 def unet_config(section, **defaults):

@@ -3,6 +3,8 @@ shapes dataset -> autoencoder -> text-conditioned LDM -> guided samples -> shape
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -33,6 +35,20 @@ def test_demo_tiny_runs_both_stages_and_resumes(tmp_path):
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["color_acc"] == summary["color_acc"]
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 1000
+
+    # the trained workdir samples through the `ldm-jax sample` CLI (EMA parameters, PNG metadata)
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "sample", f"--model={workdir}/ldm",
+                           "--prompt=a red circle in the top left", "--steps=3", "--guidance=2", "--seed=5",
+                           "--num-images=2", f"--out={out}", "--height=16", "--width=16"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png") and p != "grid.png")
+    assert len(pngs) == 2
+    from PIL import Image
+
+    meta = Image.open(out / pngs[0]).text
+    assert "a red circle" in meta.get("prompt", "") and meta.get("seed") in ("5", "6"), meta
 
     again = run_demo(workdir, "tiny")  # rerun continues: both stages are finished, nothing retrains
     assert len(read_metrics(os.path.join(workdir, "autoencoder"))) == len(ae)

@@ -59,7 +59,7 @@ def make_task(config, workdir: str):
     kind = str(ac.loss)
     if kind not in ("l1", "l2"):
         raise ConfigError(f"autoencoder.loss='{kind}': use 'l1' or 'l2'")
-    vae = AutoencoderKL(components.vae_config(config.model.vae))
+    vae = AutoencoderKL(components.vae_config(config.model.vae, **components.compute_options(config)))
     dcfg = components.data_config(config, caption_dropout=0.0)
     use_gan = int(ac.disc_start) >= 0
     disc = PatchDiscriminator(int(ac.disc_channels), int(ac.disc_layers))

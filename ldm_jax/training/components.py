@@ -49,8 +49,13 @@ def unet_config(section, **defaults):
     return _preset(UNET_PRESETS, section, "unet", **defaults)
 
 
-def vae_config(section):
-    return _preset(VAE_PRESETS, section, "vae")
+def vae_config(section, **defaults):
+    return _preset(VAE_PRESETS, section, "vae", **defaults)
+
+
+def compute_options(config) -> dict:
+    """Model fields that follow ``config.train``: compute dtype (parameters stay float32) and remat."""
+    return {"dtype": str(config.train.dtype), "remat": bool(config.train.remat)}
 
 
 def pretrained_unet(section):

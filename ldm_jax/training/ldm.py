@@ -85,7 +85,8 @@ def build(config):
     else:
         unet_cfg = components.unet_config(config.model.unet, cross_attention_dim=te.hidden_size,
                                           in_channels=vae_cfg.latent_channels,
-                                          out_channels=vae_cfg.latent_channels)
+                                          out_channels=vae_cfg.latent_channels,
+                                          **components.compute_options(config))
         unet_params = None
     if unet_cfg.cross_attention_dim != te.hidden_size:
         raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "

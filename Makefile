@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,parity]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
+	# pytorch-fid (reference for the Inception port's test) kept out of site-packages: its torchvision
+	# wheel does not load beside the CPU torch and would break diffusers/transformers imports there.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/torch-refs \
+		pytorch-fid==0.3.0 torchvision==0.28.0
 	@bash scripts/install_system_data.sh || echo "note: Debian's dataset-fashion-mnist not installed"
 	@touch $(STAMP)
 

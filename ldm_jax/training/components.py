@@ -55,7 +55,8 @@ def vae_config(section, **defaults):
 
 def compute_options(config) -> dict:
     """Model fields that follow ``config.train``: compute dtype (parameters stay float32) and remat."""
-    return {"dtype": str(config.train.dtype), "remat": bool(config.train.remat)}
+    train = config.get("train", {}) or {}
+    return {"dtype": str(train.get("dtype", "float32")), "remat": bool(train.get("remat", False))}
 
 
 def pretrained_unet(section):

@@ -35,9 +35,15 @@ def dot_product_attention(
     """softmax(q k^T / sqrt(d) + mask) v over (B, L, H, D) inputs; returns (B, Lq, H, D).
 
     `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
-    `implementation`: None (let JAX choose: cuDNN on GPU where it can, XLA elsewhere), "cudnn",
-    "xla", or "explicit" (plain einsum with float32 softmax; always available).
+    `implementation`: None (let JAX choose), "cudnn" (the flash kernel wherever cuDNN accepts the shapes,
+    XLA for the rest, e.g. cross-attention to 77 tokens), "xla", or "explicit" (plain einsum with float32
+    softmax; always available).
     """
+    if implementation == "cudnn":  # flash kernel where cuDNN takes the shapes (e.g. not KV length 77), else XLA
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            implementation = None
     if implementation != "explicit":
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)

@@ -1,9 +1,10 @@
-"""Stage 1 on `shapes`: a KL-f4 autoencoder (32x32x3 -> 8x8x4) trained with L1 + KL.
+"""Stage 1 on `shapes`: a KL-f4 autoencoder (32x32x3 -> 8x8x8) trained with L2 + KL.
 
     ldm-jax train --config=configs/shapes_autoencoder.py --workdir=runs/shapes_ae
     ldm-jax train --config=configs/shapes_autoencoder.py:tiny --workdir=/tmp/ae   # seconds, for tests
 
-The default reaches a reconstruction L1 around 0.02 (images in [-1, 1]) in ~1500 steps on a 2-core CPU;
+The default (1000 steps, ~5 min on a 2-core CPU) reconstructs held-out images with L1 0.016 (images in
+[-1, 1]) and the shapes checker reads colour 100%, shape 97%, position 100% off the reconstructions;
 the reconstruction grid is written to workdir/samples/ every sample.every_steps.
 """
 
@@ -19,11 +20,14 @@ def get_config(arg=None):
     c.data.caption_dropout = 0.0
     c.data.builder_kwargs = {"num_train": 4000}
     c.model.vae.preset = "tiny"
-    c.model.vae.latent_channels = 4
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 100
+    c.model.vae.block_out_channels = (16, 32, 32)
+    c.model.vae.mid_block_attention = False
+    c.model.vae.latent_channels = 8
+    c.autoencoder.loss = "l2"  # L1 ignores small shapes on a white background (median-like); L2 keeps them
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.0
-    c.train.num_steps = 1500
+    c.train.num_steps = 1000
     c.train.log_every_steps = 50
     c.train.ema.decay = 0.99
     c.train.ema.warmup_steps = 50

@@ -74,7 +74,7 @@ def run_demo(workdir: str, variant: str = "") -> dict:
     generator, params = load_generator(ldm_dir, ldm_cfg)
     prompts, heldout = demo_prompts()
     s = ldm_cfg.sample
-    reps = 2
+    reps = 4  # 4 seeds per prompt: 72 scored images
     images = np.concatenate([generator(params, prompts, seed=int(s.seed) + r, sampler=str(s.sampler),
                                        num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale))
                              for r in range(reps)])

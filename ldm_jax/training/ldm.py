@@ -3,9 +3,13 @@
 Per step (Rombach et al. 2022, with the diffusion core's choices from ``config.diffusion``):
 
     z = (E(x) sample - shift) * scale          frozen VAE (or latent_mean + latent_std * eps from a latent cache)
-    c = tau(caption)                           frozen text encoder; captions dropped to "" with p = caption_dropout
+    c = tau(caption)                           frozen text encoder (or its cached output); captions dropped to ""
+                                               with p = caption_dropout
     t ~ p(t)  (diffusion.noise_sampling)       x_t = alpha_t z + sigma_t eps
     loss = mean_b  w(t) || f(x_t, timestep(t), c) - target ||^2     (diffusion.loss: prediction x weighting)
+
+``data.latent_cache="auto"`` encodes the dataset once into ``workdir/latent_cache`` (VAE posteriors and
+text-encoder states), which removes both frozen encoders from the training step.
 
 The sample callback draws a grid for ``config.sample.prompts`` from the EMA parameters with classifier-free
 guidance every ``sample.every_steps`` steps and saves it as ``workdir/samples/<step>.png``.
@@ -97,10 +101,51 @@ def build(config):
     return model, frozen, unet_cfg, unet_params
 
 
+def ensure_latent_cache(config, model: LatentDiffusion, frozen, workdir: str) -> str | None:
+    """The latent cache the stage reads: ``data.latent_cache`` as given, or with "auto" one built (once) in
+    ``workdir/latent_cache`` from the frozen VAE's posteriors and the frozen text encoder's hidden states.
+
+    The cache records which encoders made it (the VAE's parameter checksum, the text encoder and its length),
+    so a changed VAE, text encoder or dataset rebuilds it instead of training on stale latents.
+    """
+    path = str(config.data.get("latent_cache", "") or "")
+    if path != "auto":
+        return path or None
+    if jax.process_count() > 1:
+        raise ConfigError("data.latent_cache='auto' builds the cache on one host; build it once "
+                          "(ldm_jax.data.build_latent_cache) and pass its path as data.latent_cache")
+    from ldm_jax.data import build_latent_cache
+    from ldm_jax.data.common import DataError
+
+    out = os.path.join(workdir, "latent_cache")
+    vae, vae_params, te = model.vae, frozen["vae"], model.text
+    posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+
+    def encode_images(images):
+        mean, logvar = posterior(vae_params, jnp.asarray(images))
+        return np.asarray(mean), np.asarray(jnp.exp(0.5 * logvar))
+
+    def encode_text(captions):
+        return np.asarray(te.encode(captions))
+
+    checksum = float(sum(np.abs(np.asarray(v, np.float64)).sum() for v in jax.tree.leaves(vae_params)))
+    ids = {"vae": f"{model.vae.config}|{checksum:.10e}",
+           "text": f"{config.model.text_encoder.name}|{config.model.text_encoder.path}|{te.max_length}"}
+    source = components.data_config(config, max_length=te.max_length, latent_cache=None)
+    # The workdir's own cache is derived data: one made from other data or encoders is rebuilt, not an error.
+    try:
+        build_latent_cache(source, encode_images, encode_text, out, int(config.data.batch_size), encoder_ids=ids)
+    except DataError:
+        build_latent_cache(source, encode_images, encode_text, out, int(config.data.batch_size), encoder_ids=ids,
+                           overwrite=True)
+    return out
+
+
 def make_task(config, workdir: str):
     """(Task, callbacks) of the latent-diffusion stage."""
     model, frozen, unet_cfg, pretrained = build(config)
-    dcfg = components.data_config(config, max_length=model.text.max_length)
+    cache = ensure_latent_cache(config, model, frozen, workdir)
+    dcfg = components.data_config(config, max_length=model.text.max_length, latent_cache=cache)
     f = model.vae.config.downsample_factor
     if dcfg.resolution % f:
         raise ConfigError(f"data.resolution={dcfg.resolution} is not a multiple of the VAE's factor {f}")
@@ -128,8 +173,11 @@ def make_task(config, workdir: str):
         else:
             latents = model.vae.apply({"params": frozen["vae"]}, batch["image"], r_lat, method=model.vae.latents)
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
-        ctx = jax.lax.stop_gradient(model.text.encode_ids(frozen["text"], batch["input_ids"],
-                                                          batch.get("attention_mask")))
+        if "text_embedding" in batch:  # from the latent cache (caption dropout already applied)
+            ctx = batch["text_embedding"]
+        else:
+            ctx = model.text.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
+        ctx = jax.lax.stop_gradient(ctx)
         b = latents.shape[0]
         t = diffusion.sample_t(str(dc.noise_sampling), r_t, b, schedule=model.schedule)
         noise = jax.random.normal(r_noise, latents.shape)
@@ -139,7 +187,7 @@ def make_task(config, workdir: str):
                                      weighting=str(dc.weighting), **weighting_kwargs)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
-    keys = ("latent_mean", "latent_std", "input_ids", "attention_mask") if dcfg.latent_cache else (
+    keys = ("latent_mean", "latent_std", "text_embedding", "input_ids", "attention_mask") if dcfg.latent_cache else (
         "image", "input_ids", "attention_mask")
 
     def iterator(process_index, process_count):

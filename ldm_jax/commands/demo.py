@@ -17,38 +17,12 @@ from pathlib import Path
 from absl import flags
 
 from ldm_jax.commands._app import fail, start
+from ldm_jax.eval.adherence import demo_prompts
+from ldm_jax.eval.adherence import score_demo as score
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where both stages, samples.png and summary.json go.")
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant of both stages ('tiny': a seconds-long smoke run).")
 _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def demo_prompts():
-    """(prompts, held-out flags): every color x shape pair once at a position cycling over the grid."""
-    from ldm_jax.data import shapes
-
-    prompts, heldout = [], []
-    for i, (color, shape) in enumerate((c, s) for c in shapes.COLORS for s in shapes.SHAPES):
-        where = shapes.PHRASES[(i * 4) % len(shapes.PHRASES)]
-        prompts.append(f"a {color} {shape} {where}")
-        heldout.append((color, shape) in shapes.HELDOUT_PAIRS)
-    return prompts, heldout
-
-
-def score(images, prompts, heldout) -> dict:
-    import numpy as np
-
-    from ldm_jax.data import score_images
-
-    seen = [i for i, h in enumerate(heldout) if not h]
-    held = [i for i, h in enumerate(heldout) if h]
-    main = score_images(images[seen], [prompts[i] for i in seen])
-    out = {k: float(main[k]) for k in ("color_acc", "shape_acc", "position_acc")}
-    if held:
-        hs = score_images(images[np.array(held)], [prompts[i] for i in held])
-        out.update(heldout_color_acc=float(hs["color_acc"]), heldout_shape_acc=float(hs["shape_acc"]),
-                   heldout_position_acc=float(hs["position_acc"]))
-    return out
 
 
 def run_demo(workdir: str, variant: str = "") -> dict:

@@ -97,3 +97,28 @@ def generate_and_score(generate_fn: Callable[[Sequence[str]], np.ndarray], num: 
     images = np.concatenate([np.asarray(generate_fn(prompts[i:i + batch_size]))
                              for i in range(0, num, batch_size)])
     return prompt_adherence(images, prompts)
+
+
+def demo_prompts():
+    """(prompts, held-out flags): every color x shape pair once at a position cycling over the grid."""
+    prompts, heldout = [], []
+    for i, (color, shape) in enumerate((c, s) for c in shapes.COLORS for s in shapes.SHAPES):
+        where = shapes.PHRASES[(i * 4) % len(shapes.PHRASES)]
+        prompts.append(f"a {color} {shape} {where}")
+        heldout.append((color, shape) in shapes.HELDOUT_PAIRS)
+    return prompts, heldout
+
+
+def score_demo(images, prompts, heldout) -> dict:
+    """color/shape/position accuracy of `images` over seen prompts, plus heldout_* over held-out ones."""
+    from ldm_jax.data import score_images
+
+    seen = [i for i, h in enumerate(heldout) if not h]
+    held = [i for i, h in enumerate(heldout) if h]
+    main = score_images(images[seen], [prompts[i] for i in seen])
+    out = {k: float(main[k]) for k in ("color_acc", "shape_acc", "position_acc")}
+    if held:
+        hs = score_images(images[np.array(held)], [prompts[i] for i in held])
+        out.update(heldout_color_acc=float(hs["color_acc"]), heldout_shape_acc=float(hs["shape_acc"]),
+                   heldout_position_acc=float(hs["position_acc"]))
+    return out

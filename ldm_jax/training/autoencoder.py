@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.data import make_iterator
+from ldm_jax.eval import stage_metrics
 from ldm_jax.models import AutoencoderKL, unbox
 from ldm_jax.training import components
 from ldm_jax.training.ldm import NumericBatches, image_grid, save_png, to_uint8
@@ -132,6 +133,7 @@ def make_task(config, workdir: str):
     callbacks = []
     if int(config.sample.every_steps) > 0:
         callbacks.append(ReconstructionGrid(vae, config, workdir))
+    callbacks += stage_metrics.autoencoder_callbacks(config, vae)  # config.eval: PSNR / SSIM on held-out data
     return task, callbacks
 
 

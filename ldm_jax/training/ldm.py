@@ -26,6 +26,7 @@ import numpy as np
 
 from ldm_jax import diffusion
 from ldm_jax.data import make_iterator
+from ldm_jax.eval import stage_metrics
 from ldm_jax.models import AutoencoderKL, UNet, unbox
 from ldm_jax.training import components
 from ldm_jax.training.task import Task
@@ -200,6 +201,7 @@ def make_task(config, workdir: str):
     callbacks = []
     if int(config.sample.every_steps) > 0:
         callbacks.append(SampleGrid(model, frozen, config, workdir, latent_shape))
+    callbacks += stage_metrics.ldm_callbacks(config, Generator(model, frozen, latent_shape))  # config.eval
     return task, callbacks
 
 

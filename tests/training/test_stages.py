@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ldm_jax.commands.demo import demo_prompts, run_demo
 from ldm_jax.training.writers import read_metrics
@@ -31,7 +32,7 @@ def test_demo_tiny_runs_both_stages_and_resumes(tmp_path):
     assert sum(heldout) == 3 and len(prompts) == 18
     for key in ("color_acc", "shape_acc", "position_acc", "heldout_color_acc", "heldout_shape_acc", "minutes"):
         assert 0.0 <= summary[key] <= (1.0 if key != "minutes" else 60.0), key
-    assert summary["num_images"] == 36
+    assert summary["num_images"] == 72
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["color_acc"] == summary["color_acc"]
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 1000
@@ -50,6 +51,54 @@ def test_demo_tiny_runs_both_stages_and_resumes(tmp_path):
     meta = Image.open(out / pngs[0]).text
     assert "a red circle" in meta.get("prompt", "") and meta.get("seed") in ("5", "6"), meta
 
+    # `ldm-jax evaluate` on both trained workdirs: shapes adherence of the LDM, PSNR/SSIM of the autoencoder
+    for stage, extra in (("ldm", ["--num_samples=18", "--num_steps=2"]), ("autoencoder", [])):
+        proc = subprocess.run([sys.executable, "-m", "ldm_jax", "evaluate", f"--workdir={workdir}/{stage}", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with open(os.path.join(workdir, stage, "eval.json")) as f:
+            result = json.load(f)
+        assert result["stage"] == stage
+        if stage == "ldm":
+            assert result["num_images"] == 18 and result["num_steps"] == 2
+            assert all(0.0 <= result[k] <= 1.0 for k in ("color_acc", "shape_acc", "heldout_color_acc"))
+        else:
+            assert 5.0 < result["heldout_psnr"] < 60.0 and -1.0 <= result["heldout_ssim"] <= 1.0
+            assert np.isfinite(result["photos_psnr"]) and np.isfinite(result["photos_ssim"])
+
     again = run_demo(workdir, "tiny")  # rerun continues: both stages are finished, nothing retrains
     assert len(read_metrics(os.path.join(workdir, "autoencoder"))) == len(ae)
     assert again["color_acc"] == summary["color_acc"]
+
+
+def test_eval_callbacks_log_metrics_during_training(tmp_path):
+    """config.eval wires EvalCallback into both stages: recon (autoencoder), adherence (latent diffusion)."""
+    from ldm_jax.configlib import load_config
+    from ldm_jax.training import run
+    from ldm_jax.types import ConfigError
+
+    data = str(tmp_path / "data")
+    ae = load_config("configs/shapes_autoencoder.py:tiny")
+    ae.data.data_dir = data
+    ae.train.num_steps, ae.sample.every_steps = 4, 0
+    ae.eval.every_steps, ae.eval.metrics, ae.eval.num_samples = 2, ("recon",), 8
+    run(ae, str(tmp_path / "ae"))
+    rows = [r for r in read_metrics(str(tmp_path / "ae")) if "eval/recon/psnr" in r]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["eval/recon/ssim"]) for r in rows)
+
+    ldm = load_config("configs/shapes_ldm.py:tiny")
+    ldm.data.data_dir, ldm.model.vae.workdir = data, str(tmp_path / "ae")
+    ldm.train.num_steps, ldm.sample.every_steps = 2, 0
+    ldm.eval.every_steps, ldm.eval.metrics, ldm.eval.num_samples = 2, ("adherence",), 4
+    run(ldm, str(tmp_path / "ldm"))
+    rows = [r for r in read_metrics(str(tmp_path / "ldm")) if "eval/adherence/color_acc" in r]
+    assert [r["step"] for r in rows] == [2] and 0.0 <= rows[0]["eval/adherence/color_acc"] <= 1.0
+
+    from ldm_jax.eval import stage_metrics
+
+    ldm.eval.metrics = ("fd_fmnist",)  # a metric of another dataset: one clear error before training
+    with pytest.raises(ConfigError, match="fashion_mnist"):
+        stage_metrics.ldm_callbacks(ldm, generator=None)
+    ldm.eval.metrics = ("adherance",)
+    with pytest.raises(ConfigError, match="did you mean 'adherence'"):
+        stage_metrics.ldm_callbacks(ldm, generator=None)

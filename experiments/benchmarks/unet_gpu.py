@@ -151,7 +151,7 @@ def _jax_train_one(jax, jnp, optax, diffusion, schedule, unet, side, batch, args
            "mfu_vs_measured_matmul": flops / s["median_s"] / MEASURED_MATMUL,
            "static_mem_gib": None if static_bytes is None else static_bytes / 2**30,
            "peak_mem_gib_process": stats.get("peak_bytes_in_use", 0) / 2**30}
-    del state
+    state.clear()
     return out
 
 
@@ -194,8 +194,8 @@ def flops(args) -> dict:
     for side in (32, 64):
         x0 = jax.ShapeDtypeStruct((1, side, side, 4), jnp.float32)
         ctx = jax.ShapeDtypeStruct((1, 77, 768), jnp.float32)
-        init = lambda k: unet.init(k, jnp.zeros((1, side, side, 4)), jnp.zeros((1,), jnp.int32),
-                                   jnp.zeros((1, 77, 768)))["params"]
+        init = lambda k, side=side: unet.init(k, jnp.zeros((1, side, side, 4)), jnp.zeros((1,), jnp.int32),
+                                              jnp.zeros((1, 77, 768)))["params"]
         params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
 
         def loss_fn(p, x0, ctx):
@@ -203,7 +203,7 @@ def flops(args) -> dict:
             out = unet.apply({"params": p}, diffusion.q_sample(schedule, x0, t, x0), schedule.timestep(t), ctx)
             return jnp.mean((out.astype(jnp.float32) - x0) ** 2)
 
-        def count(fn):
+        def count(fn, params=params, x0=x0, ctx=ctx):
             c = jax.jit(fn).lower(params, x0, ctx).cost_analysis()
             return float((c[0] if isinstance(c, (list, tuple)) else c)["flops"])
 
@@ -264,7 +264,8 @@ def jax_sample(args) -> dict:
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "runs": []}
     for batch in (1, 8):
         prompts = ["a photograph of an astronaut riding a horse"] * batch
-        call = lambda: pipe(prompts, num_steps=50, guidance_scale=7.5, sampler="ddim", seed=0, progress=False)
+        call = lambda prompts=prompts: pipe(prompts, num_steps=50, guidance_scale=7.5, sampler="ddim", seed=0,
+                                            progress=False)
         t0 = time.perf_counter()
         call()
         first = time.perf_counter() - t0
@@ -354,7 +355,6 @@ def _torch_train_one(torch, model, unet, side, batch, args) -> dict:
     s = _summary(times)
     out = {"first_step_s": first, **s, "images_per_s": batch / s["median_s"],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del opt
     torch.cuda.empty_cache()
     return out
 
@@ -382,7 +382,7 @@ def torch_sample(args) -> dict:
             ids[:, 0] = 49406
 
             @torch.no_grad()
-            def call():
+            def call(ids=ids, batch=batch, net=net):
                 ctx = text(ids).last_hidden_state
                 sched.set_timesteps(50)
                 x = torch.randn(batch, 4, 64, 64, device=dev, dtype=dtype)

@@ -1,7 +1,8 @@
 """ldm-jax train --config=configs/X.py[:variant] --workdir=DIR [--config.a.b=value ...]
 
 Trains the stage the config names (autoencoder or latent diffusion). Rerunning the same command resumes
-from the newest checkpoint in the workdir.
+from the newest checkpoint in the workdir. Multi-host: run the same command on every host with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or let JAX detect the cluster).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from ldm_jax.commands._app import fail, start
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/shapes_ldm.py:tiny",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
 
 
 def main(argv):
@@ -21,9 +26,16 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}: flags look like --workdir=DIR")
     if _CONFIG.value is None or not _WORKDIR.value:
         fail("train needs --config=configs/<name>.py[:variant] and --workdir=DIR")
+    multi = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in multi) and not all(v is not None for v in multi):
+        fail("multi-process training needs all of --coordinator_address=HOST:PORT, --num_processes=N and "
+             "--process_id=I (or none of them: JAX_* environment variables / cluster auto-detection)")
+    if _NUM_PROCESSES.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        fail(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value})")
     from ldm_jax.training import run
 
-    run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value)
 
 
 def run_cli(argv):

@@ -24,9 +24,12 @@ def test_two_processes_through_jax_distributed_match_one_process_with_two_device
     workdir, port = str(tmp_path / "two_processes"), _free_port()
     procs = []
     for i in range(2):  # each process: 1 CPU device, its half of every batch; gloo collectives
-        env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
         cmd = [sys.executable, "-m", "ldm_jax", "train", f"--config={CASES}:-1,1", f"--workdir={workdir}"]
+        if i == 0:  # process 0 joins through the command-line flags, process 1 through JAX_* variables
+            cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"]
+        else:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
         with open(tmp_path / f"log{i}.txt", "w") as log:  # a pipe could fill up and block the process
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         reap(procs[-1])

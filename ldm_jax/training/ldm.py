@@ -157,11 +157,7 @@ def make_task(config, workdir: str):
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
         ctx = jnp.zeros((1, model.text.max_length, model.text.hidden_size), jnp.float32)
-        params = model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]
-        if pretrained is None:
-            return params
-        return jax.tree.map(lambda box, v: box.replace_boxed(jnp.asarray(v)) if hasattr(box, "replace_boxed")
-                            else jnp.asarray(v), params, pretrained, is_leaf=lambda b: hasattr(b, "replace_boxed"))
+        return model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]  # pretrained weights: Task.pretrained
 
     def loss_fn(params, batch, rng, step, *, frozen, extra):
         del step, extra
@@ -197,7 +193,7 @@ def make_task(config, workdir: str):
         return NumericBatches(it, keys)
 
     task = Task(name="ldm", init=init, loss_fn=loss_fn, make_iterator=iterator, batch_size=dcfg.batch_size,
-                frozen=frozen)
+                frozen=frozen, pretrained=None if pretrained is None else jax.tree.map(np.asarray, unbox(pretrained)))
     callbacks = []
     if int(config.sample.every_steps) > 0:
         callbacks.append(SampleGrid(model, frozen, config, workdir, latent_shape))

@@ -214,11 +214,33 @@ def _run_callbacks(callbacks: Sequence[Callback], step: int, state: TrainState, 
             writer.write_images(step, images)
 
 
-def _restore_or_init(ckpt: Checkpointer, init_fn, rng, mesh, rules, iterator) -> tuple[TrainState, int]:
+def _with_pretrained(state: TrainState, pretrained: PyTree) -> TrainState:
+    """`state` with params and EMA replaced by host arrays, each put directly into its leaf's sharding.
+
+    The optimizer state is kept: AdamW's fresh moments and count do not depend on the parameter values.
+    """
+    leaves, treedef = jax.tree.flatten(state.params)
+    try:
+        new = treedef.flatten_up_to(pretrained)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"pretrained parameters do not have the model's structure: {str(e)[:200]}") from None
+    bad = [f"{np.shape(n)} vs {p.shape}" for p, n in zip(leaves, new) if tuple(np.shape(n)) != tuple(p.shape)]
+    if bad:
+        raise ConfigError(f"{len(bad)} pretrained parameter(s) have other shapes than the model's (first: {bad[0]})")
+    put = lambda: jax.tree.unflatten(treedef, [jax.device_put(np.asarray(n, p.dtype), p.sharding)
+                                               for p, n in zip(leaves, new)])
+    return state.replace(params=put(), ema_params=put())
+
+
+def _restore_or_init(ckpt: Checkpointer, init_fn, rng, mesh, rules, iterator,
+                     pretrained: PyTree = None) -> tuple[TrainState, int]:
     abstract, shardings = shd.sharded_abstract(init_fn, mesh, rules, rng)
     restored = ckpt.restore_latest(abstract)
     if restored is None:
         state, _ = shd.create_sharded(init_fn, mesh, rules, rng, shardings=shardings)
+        if pretrained is not None:
+            state = _with_pretrained(state, pretrained)
+            logger.warning("fresh start from pretrained parameters")
         return state, 0
     step, state, data_state = restored
     iterator.set_state(data_state)
@@ -240,7 +262,8 @@ def train(config, workdir: str, task: Task, callbacks: Sequence[Callback] = ()) 
     writer = None
     try:
         iterator = task.make_iterator(jax.process_index(), jax.process_count())
-        state, start = _restore_or_init(ckpt, init_fn, jax.random.PRNGKey(lc.seed), mesh, rules, iterator)
+        state, start = _restore_or_init(ckpt, init_fn, jax.random.PRNGKey(lc.seed), mesh, rules, iterator,
+                                        task.pretrained)
         if start >= lc.num_steps:
             logger.warning("workdir %s is already at step %d >= train.num_steps=%d: nothing to do", workdir, start,
                            lc.num_steps)

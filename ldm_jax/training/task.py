@@ -51,6 +51,9 @@ class Task:
       update_extra: ``(extra, params, batch, rng, step, *, frozen) -> (extra, metrics)``, run in the same
         step after the loss (with the params the loss saw), e.g. the discriminator's update; or None.
       batch_size: the global batch size (for the images/s metric and mesh checks).
+      pretrained: host arrays (numpy) with the structure of ``init``'s unboxed params, or None. A fresh run
+        (not a resume) starts from them: each leaf is placed straight into its parameter's sharding, so the
+        weights never become constants of a compiled program (fine-tuning from SD's 860M parameters).
     """
 
     name: str
@@ -61,3 +64,4 @@ class Task:
     frozen: PyTree = None
     init_extra: Callable[[PRNGKey], PyTree] | None = None
     update_extra: Callable[..., tuple[PyTree, Mapping[str, Array]]] | None = None
+    pretrained: PyTree = None

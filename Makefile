@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,parity]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NODEPS)
-	# pytorch-fid (reference for the Inception port's test) kept out of site-packages: its torchvision
-	# wheel does not load beside the CPU torch and would break diffusers/transformers imports there.
+	# pytorch-fid and lpips (references of the Inception and LPIPS tests) kept out of site-packages: their
+	# torchvision wheel does not load beside the CPU torch and would break diffusers/transformers imports.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/torch-refs \
-		pytorch-fid==0.3.0 torchvision==0.28.0
+		pytorch-fid==0.3.0 torchvision==0.28.0 lpips==0.1.4
 	@bash scripts/install_system_data.sh || echo "note: Debian's dataset-fashion-mnist not installed"
 	@touch $(STAMP)
 

@@ -149,8 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
         vae=dict(preset="tiny", pretrained="", workdir=""),
         text_encoder=dict(name="minilm", path="", max_length=16, hidden_layer=0),
     )
+    # perceptual_weight > 0 adds LPIPS-VGG from local files: lpips_vgg (torchvision vgg16 state dict) and
+    # lpips_lin (the lpips package's weights/v0.1/vgg.pth).
     c.autoencoder = dict(loss="l1", kl_weight=1e-6, disc_start=-1, disc_weight=0.5, disc_channels=64,
-                         disc_layers=3, disc_lr=1e-4)
+                         disc_layers=3, disc_lr=1e-4, perceptual_weight=0.0, lpips_vgg="", lpips_lin="")
     c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, prediction="eps",
                        weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,

@@ -1,7 +1,8 @@
 """Stage 1: the KL autoencoder (Rombach et al. 2022, Sec. 3.1 and Appendix G), optionally adversarial.
 
     loss = rec + kl_weight * KL + lambda_adv * g_loss * [step >= disc_start]
-    rec  = mean |x - D(z)|  (or squared, ``autoencoder.loss="l2"``),   z ~ q(z | x)
+    rec  = mean |x - D(z)|  (or squared, ``autoencoder.loss="l2"``)  [+ perceptual_weight * LPIPS(x, D(z))],
+           z ~ q(z | x)
     KL   = KL(q(z|x) || N(0, I)) summed over latent elements / number of image elements  (per-pixel units,
            like rec, so ``kl_weight`` keeps LDM's meaning of a weight on the summed terms)
     g_loss = -mean D_phi(x_rec)   PatchGAN discriminator D_phi with the hinge loss (Isola et al. 2017)
@@ -9,8 +10,9 @@
                  adaptive weight, Esser et al. 2021 Eq. 7), clipped to [0, 1e4]
 
 The discriminator and its optimizer state live in ``TrainState.extra`` and are updated in the same step
-(Adam, b1 = 0.5, b2 = 0.9) on  0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))). A perceptual (LPIPS)
-term is not included: it needs VGG weights that no offline package ships.
+(Adam, b1 = 0.5, b2 = 0.9) on  0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_rec))). The perceptual term
+(``autoencoder.perceptual_weight``, LPIPS-VGG from `models.lpips`) needs local weight files
+(``autoencoder.lpips_vgg``, ``autoencoder.lpips_lin``); its frozen params are the task's ``frozen``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import optax
 from ldm_jax.data import make_iterator
 from ldm_jax.eval import stage_metrics
 from ldm_jax.models import AutoencoderKL, unbox
+from ldm_jax.models.lpips import LPIPS, load_lpips
 from ldm_jax.training import components
 from ldm_jax.training.ldm import NumericBatches, image_grid, save_png, to_uint8
 from ldm_jax.training.task import Task
@@ -76,16 +79,32 @@ def make_task(config, workdir: str):
                                                                       "kernel": kernel}}}
         return vae.apply({"params": p}, z, method=vae.decode)
 
+    perceptual_weight, frozen_params = float(ac.get("perceptual_weight", 0.0)), None
+    if perceptual_weight > 0:
+        if not (ac.get("lpips_vgg") and ac.get("lpips_lin")):
+            raise ConfigError("autoencoder.perceptual_weight > 0 needs local LPIPS weights: set autoencoder.lpips_vgg "
+                              "(torchvision vgg16 .pth) and autoencoder.lpips_lin (lpips vgg.pth)")
+        frozen_params = {"lpips": load_lpips(ac.lpips_vgg, ac.lpips_lin)}
+    lpips = LPIPS()
+
+    def rec_term(x, r, frozen):
+        """Reconstruction loss: L1/L2, plus perceptual_weight * LPIPS when enabled (Rombach et al. 2022)."""
+        loss = reconstruction(x, r, kind)
+        if perceptual_weight > 0:
+            loss = loss + perceptual_weight * jnp.mean(lpips.apply({"params": frozen["lpips"]}, x, r))
+        return loss
+
     def loss_fn(params, batch, rng, step, *, frozen, extra):
-        del frozen
         x = batch["image"]
         post = vae.apply({"params": params}, x, method=vae.posterior)
         z = post.sample(rng)
         rec = vae.apply({"params": params}, z, method=vae.decode)
-        rec_loss = reconstruction(x, rec, kind)
+        rec_loss = rec_term(x, rec, frozen)
         kl = jnp.mean(post.kl()) / (x.shape[1] * x.shape[2] * x.shape[3])
         loss = rec_loss + float(ac.kl_weight) * kl
         metrics = {"rec_loss": rec_loss, "kl": kl}
+        if perceptual_weight > 0:
+            metrics["lpips"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, x, rec))
         if use_gan:
             kernel = params["decoder"]["conv_out"]["kernel"]
             rec_w, vjp = jax.vjp(lambda k: decode_with_last(params, z, k), kernel)
@@ -93,7 +112,7 @@ def make_task(config, workdir: str):
             def g_loss_of(r):
                 return -jnp.mean(disc.apply({"params": extra["params"]}, r))
 
-            g_rec = vjp(jax.grad(lambda r: reconstruction(x, r, kind))(rec_w))[0]
+            g_rec = vjp(jax.grad(lambda r: rec_term(x, r, frozen))(rec_w))[0]
             g_adv = vjp(jax.grad(g_loss_of)(rec_w))[0]
             lam = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), 0.0, 1e4)
             lam = jax.lax.stop_gradient(lam) * float(ac.disc_weight) * (step >= int(ac.disc_start))
@@ -128,7 +147,7 @@ def make_task(config, workdir: str):
                               ("image",))
 
     task = Task(name="autoencoder", init=init, loss_fn=loss_fn, make_iterator=iterator,
-                batch_size=dcfg.batch_size, init_extra=init_extra if use_gan else None,
+                batch_size=dcfg.batch_size, frozen=frozen_params, init_extra=init_extra if use_gan else None,
                 update_extra=update_extra if use_gan else None)
     callbacks = []
     if int(config.sample.every_steps) > 0:

@@ -4,6 +4,7 @@ training lives with the training tests)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from ldm_jax.configlib import base_config
@@ -79,3 +80,35 @@ def test_runner_resumes_splits_hosts_and_reports(tmp_path):
     assert "| schedule=linear | 0.6667 |" in text and "![loss curves](loss_curves.png)" in text
     for png in ("loss_curves.png", "metric_vs_nfe.png", "metric_per_run.png"):
         assert os.path.getsize(tmp_path / png) > 1000
+
+
+def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
+    """`ldm-jax sweep` on the tiny ablation: shared autoencoder, 2 LDM runs, ddim/heun evals, report; a rerun
+    trains nothing."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ldm_jax", "sweep", "--config=configs/ablation_noise_schedules.py:tiny",
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert [r["run"] for r in rows] == ["schedule=linear", "schedule=cosine"]
+    for row in rows:
+        assert {(e["sampler"], e["nfe"], e["steps"]) for e in row["evals"]} == {("ddim", 2, 2.0), ("heun", 2, 1.0)}
+        for e in row["evals"]:
+            assert 0.0 <= e["shape_acc"] <= 1.0 and 0.0 <= e["brightness_gap"] <= 1.0
+        assert np.isfinite(row["final_loss"])
+    text = (tmp_path / "report.md").read_text()
+    assert "| schedule=cosine |" in text and "metric_vs_nfe.png" in text
+    for png in ("loss_curves.png", "metric_vs_nfe.png", "metric_per_run.png"):
+        assert os.path.getsize(tmp_path / png) > 1000
+    assert len(os.listdir(tmp_path / "runs")) == 2 and os.path.isdir(tmp_path / "autoencoder")
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(open(tmp_path / "results.jsonl").read().splitlines()) == 2  # finished runs are skipped
+
+    bad = subprocess.run([*cmd[:4], "--config=configs/shapes_ldm.py:tiny", f"--workdir={tmp_path / 'x'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no `sweep` section" in bad.stderr.strip().splitlines()[-1]

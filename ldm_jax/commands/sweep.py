@@ -1,0 +1,53 @@
+"""ldm-jax sweep --config=configs/ablation_noise_schedules.py[:variant] --workdir=DIR
+
+Trains and evaluates every run of the config's ``sweep`` spec (product / zip / seeds over any config
+fields, see ldm_jax/sweeps/spec.py): one shared autoencoder, then each latent-diffusion run (resumable;
+rerunning skips finished runs), each evaluated with every sampler x NFE of ``sweep.eval``; appends to
+DIR/results.jsonl and writes DIR/report.md with plots. ``--num_hosts=N --host_index=I`` splits the runs
+over hosts (host I takes runs I, I+N, ...); ``--report_only`` re-renders the report.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from ldm_jax.commands._app import fail, start
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/ablation_noise_schedules.py:tiny",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (runs, results.jsonl, report.md).")
+_HOST = flags.DEFINE_integer("host_index", 0, "This host's index when the runs are split over hosts.")
+_HOSTS = flags.DEFINE_integer("num_hosts", 1, "Number of hosts the runs are split over.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render report.md from results.jsonl.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}: flags look like --workdir=DIR")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        fail("sweep needs --config=configs/<ablation>.py[:variant] and --workdir=DIR")
+    if not 0 <= _HOST.value < _HOSTS.value:
+        fail(f"--host_index={_HOST.value} must be in [0, --num_hosts={_HOSTS.value})")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if "sweep" not in config:
+        fail("the config has no `sweep` section: use an ablation config (configs/ablation_*.py)")
+    from ldm_jax.sweeps import expand, render_report, run_sweep, stages
+    from ldm_jax.types import ConfigError
+
+    try:
+        if not _REPORT_ONLY.value:
+            runs = expand(config)  # a bad spec fails here, before any training
+            print(f"sweep: {len(runs)} runs -> {workdir}", flush=True)
+            stages.prepare(config, workdir)
+            run_sweep(config, workdir, train_fn=stages.train_fn, eval_fn=stages.make_eval_fn(config.sweep.get("eval")),
+                      host_index=_HOST.value, num_hosts=_HOSTS.value)
+        path = render_report(workdir, title=str(config.sweep.get("title", "Sweep report")),
+                             primary=config.sweep.get("eval", {}).get("primary") or None)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    print(f"sweep: report -> {path}", flush=True)
+
+
+def run_cli(argv):
+    start(main, argv, uses_config=True)

@@ -1,0 +1,106 @@
+"""The real train and eval functions of a latent-diffusion sweep (what ``ldm-jax sweep`` runs).
+
+Every run of a sweep shares one stage-1 autoencoder, trained once into ``SWEEP_WORKDIR/autoencoder`` from
+``config.sweep.autoencoder`` (a config spec such as ``configs/shapes_autoencoder.py``) and one dataset
+directory ``SWEEP_WORKDIR/data``; each run trains stage 2 into ``SWEEP_WORKDIR/runs/<name>`` (resumable).
+
+Evaluation at a number of function evaluations (NFE): Heun's method costs two network evaluations per step
+but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step per NFE. Metrics:
+- shapes: colour / shape / position accuracy of the demo prompts (held-out pairs included) and
+  ``brightness_gap`` = |mean generated pixel - mean pixel of the test split| (in [0, 1] units), the
+  mean-brightness bias that zero-terminal-SNR addresses (Lin et al. 2023);
+- fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ldm_jax.configlib import load_config
+from ldm_jax.types import ConfigError
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    return max(1, (int(nfe) + 1) // 2) if sampler == "heun" else int(nfe)
+
+
+def prepare(config, workdir: str):
+    """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data."""
+    from ldm_jax.training import run
+
+    data_dir = str(config.data.get("data_dir", "") or os.path.join(workdir, "data"))
+    config.data.data_dir = data_dir
+    spec = str(config.sweep.get("autoencoder", "") or "")
+    if spec:
+        ae = load_config(spec)
+        ae.data.data_dir = data_dir
+        for key, value in (config.sweep.get("autoencoder_overrides", {}) or {}).items():
+            section, field = key.split(".", 1)
+            ae[section][field] = value
+        run(ae, os.path.join(workdir, "autoencoder"))
+        config.model.vae.workdir = os.path.join(workdir, "autoencoder")
+    elif not (config.model.vae.get("workdir") or config.model.vae.get("pretrained")):
+        raise ConfigError("the sweep needs an autoencoder: set sweep.autoencoder (a config spec trained once) or "
+                          "model.vae.workdir / model.vae.pretrained")
+    return config
+
+
+def train_fn(config, run_dir: str):
+    from ldm_jax.training import run
+
+    return run(config, run_dir)
+
+
+def _data_mean(config, count: int = 512) -> float:
+    from ldm_jax.eval.stage_metrics import heldout_images
+
+    return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
+
+
+def make_eval_fn(sweep_eval) -> callable:
+    """``eval_fn(config, run_dir, *, sampler, num_steps)`` with the sweep's ``eval`` settings (guidance_scale,
+    num_samples); `num_steps` is the NFE (see the module doc)."""
+    settings = dict(sweep_eval or {})
+
+    def eval_fn(config, run_dir: str, *, sampler: str, num_steps: int) -> dict:
+        return evaluate_run(config, run_dir, sampler=sampler, nfe=int(num_steps),
+                            guidance_scale=float(settings.get("guidance_scale", 3.0)),
+                            num_samples=int(settings.get("num_samples", 72)))
+
+    return eval_fn
+
+
+def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int) -> dict:
+    """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc)."""
+    from ldm_jax.training.ldm import load_generator
+
+    generator, params = load_generator(run_dir, config)
+    opts = dict(sampler=sampler, num_steps=steps_for_nfe(sampler, nfe), guidance_scale=guidance_scale)
+    dataset = str(config.data.name)
+    n = num_samples
+    out = {"steps": float(opts["num_steps"])}
+    if dataset == "shapes":
+        from ldm_jax.eval.adherence import demo_prompts, score_demo
+
+        prompts, heldout = demo_prompts()
+        reps = max(1, -(-n // len(prompts)))
+        images = np.concatenate([generator(params, prompts, seed=r, **opts) for r in range(reps)])
+        out.update(score_demo(images, prompts * reps, heldout * reps))
+        out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - _data_mean(config))
+    elif dataset == "fashion_mnist":
+        from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
+        from ldm_jax.eval.frechet import FeatureStats, stats_distance
+        from ldm_jax.eval.stage_metrics import _fmnist_prompts
+
+        features = fmnist_feature_fn()
+        prompts = _fmnist_prompts(n)
+        fake = np.concatenate([generator(params, prompts[i:i + 100], seed=i, **opts) for i in range(0, n, 100)])
+        real, _ = load_fashion_mnist("test")
+        stats = lambda x: FeatureStats.from_features(np.concatenate(
+            [np.asarray(features(x[i:i + 1000]), np.float64) for i in range(0, len(x), 1000)]))
+        out["fd_fmnist"] = stats_distance(stats(real[..., None]), stats(fake))
+    else:
+        raise ConfigError(f"no sweep metric for dataset '{dataset}': use shapes or fashion_mnist")
+    return out

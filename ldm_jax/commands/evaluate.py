@@ -1,20 +1,29 @@
-"""ldm-jax evaluate: score a trained workdir, or compare two folders of images.
+"""ldm-jax evaluate: score a trained workdir, or a folder of images against a reference.
 
     ldm-jax evaluate --workdir=runs/demo/ldm                  # shapes: colour/shape/position accuracy
     ldm-jax evaluate --workdir=runs/fmnist/ldm --num_samples=2000    # fashion_mnist: FD-FMNIST and KID
     ldm-jax evaluate --workdir=runs/demo/autoencoder         # PSNR / SSIM / rFD on held-out data + photos
     ldm-jax evaluate --images=gen/ --reference=real/ --features=inception \
         --inception_weights=pt_inception-2015-12-05-6726825d.pth [--precision_recall]
+    ldm-jax evaluate --images=gen/ --reference=fashion_mnist:test      # FD-FMNIST of a folder
+    ldm-jax evaluate --images=samples/ --clip=clip-vit-base-patch32    # CLIP score (prompts from the PNGs)
 
 A latent-diffusion workdir is sampled from its EMA parameters (sampler, steps and guidance default to the
-run's `sample` config). Results go to --out (default WORKDIR/eval.json, or stdout for folders) as JSON, and
-one summary line is printed.
+run's `sample` config). --reference is a folder or a dataset name with an optional split (default test):
+`fashion_mnist` reads Debian's files as FD-FMNIST does; other names (shapes, openmoji, a prepared tfds
+dataset) go through the data pipeline at the size of the --images. --clip=PATH (an HF CLIPModel folder)
+adds the CLIP score of the images against their prompts: for a folder, the 'prompt' text chunk that
+`ldm-jax sample` writes into each PNG, or --prompts=FILE (one line per image, file-name order).
+Results go to --out (default WORKDIR/eval.json, or stdout for folders) as JSON, and one summary line is
+printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 import types
 
@@ -22,77 +31,186 @@ from absl import flags
 
 from ldm_jax.commands._app import fail, start
 
+FEATURES = ("fmnist", "inception", "clip")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A trained stage's workdir (latent diffusion or autoencoder).")
-_IMAGES = flags.DEFINE_string("images", "", "A folder of images to score against --reference.")
-_REFERENCE = flags.DEFINE_string("reference", "", "The reference folder of images for --images.")
-_FEATURES = flags.DEFINE_enum("features", "fmnist", ["fmnist", "inception"],
-                              "Feature network of FD / KID: the framework's Fashion-MNIST net or FID Inception-v3.")
+_IMAGES = flags.DEFINE_string("images", "", "A folder of images to score.")
+_REFERENCE = flags.DEFINE_string("reference", "", "What --images is compared with: a folder of images or a "
+                                 "dataset name[:split] (fashion_mnist, shapes, openmoji, a prepared tfds name).")
+_FEATURES = flags.DEFINE_string("features", "fmnist", "Feature network of FD / KID / precision-recall: fmnist "
+                                "(the framework's Fashion-MNIST net), inception (FID Inception-v3, needs "
+                                "--inception_weights) or clip (CLIP image embeddings, needs --clip).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+_CLIP = flags.DEFINE_string("clip", "", "An HF CLIPModel folder: CLIP score of the images, and --features=clip.")
+_PROMPTS = flags.DEFINE_string("prompts", "", "Prompts of --images for the CLIP score, one line per image in "
+                               "file-name order (default: each PNG's 'prompt' text chunk).")
 _PR = flags.DEFINE_bool("precision_recall", False, "Also improved precision / recall (Kynkaanniemi et al. 2019).")
-_NUM = flags.DEFINE_integer("num_samples", 0, "Images to generate (0: 72 for shapes, 2000 for fashion_mnist).")
+_NUM_REF = flags.DEFINE_integer("num_reference", 10000, "Most images read from a dataset --reference.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir of a dataset --reference (default: $TFDS_DATA_DIR"
+                                " or ~/tensorflow_datasets).")
+_NUM = flags.DEFINE_integer("num_samples", 0, "Images to generate (0: 72 for shapes, 2000 for fashion_mnist, "
+                            "256 otherwise).")
 _SAMPLER = flags.DEFINE_string("sampler", "", "Sampler (default: the run's sample.sampler).")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Sampling steps (default: the run's sample.num_steps).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", -1.0, "CFG scale (default: the run's sample.guidance_scale).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images.")
 _OUT = flags.DEFINE_string("out", "", "Where the JSON goes (default: WORKDIR/eval.json; stdout for folders).")
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_USER_ERRORS = (ValueError, OSError)  # ConfigError, DataError, ConversionError, missing or unreadable files
 
 
 def read_folder(path: str):
-    """uint8 (N, H, W, 3) of every image in `path` (sorted; all must share one size)."""
+    """(uint8 (N, H, W, 3), prompts) of every image in `path`, sorted by name; all must share one size.
+
+    A prompt is the PNG's 'prompt' text chunk (None when absent). `ldm-jax sample`'s grid.png is skipped.
+    """
     import numpy as np
     from PIL import Image
 
     if not os.path.isdir(path):
         fail(f"'{path}' is not a folder of images")
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_EXT))
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_EXT) and n != "grid.png")
     if not names:
         fail(f"no images ({', '.join(_IMAGE_EXT)}) in '{path}'")
-    images = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+    images, prompts = [], []
+    for n in names:
+        try:
+            with Image.open(os.path.join(path, n)) as im:
+                prompts.append(getattr(im, "text", {}).get("prompt"))
+                images.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            fail(f"cannot read image '{os.path.join(path, n)}': {e}")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         fail(f"images in '{path}' have several sizes {sorted(sizes)}; resize them to one size first")
-    return np.stack(images)
+    return np.stack(images), prompts
 
 
-def _feature_fn():
-    if _FEATURES.value == "fmnist":
-        from ldm_jax.eval.fmnist_net import fmnist_feature_fn
+def load_clip_scorer():
+    """The CLIPScorer of --clip (None without it)."""
+    if not _CLIP.value:
+        return None
+    from ldm_jax.eval.clip_score import CLIPScorer
 
-        return fmnist_feature_fn()
-    if not _INCEPTION.value:
-        fail("--features=inception needs --inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d"
-             ".pth, or its safetensors copy); nothing is downloaded")
-    from ldm_jax.eval.inception import inception_feature_fn
-
-    return inception_feature_fn(_INCEPTION.value)
+    try:
+        return CLIPScorer.from_pretrained(_CLIP.value)
+    except _USER_ERRORS as e:
+        fail(f"--clip={_CLIP.value}: {e}")
 
 
-def distances(feature_fn, real, fake, *, precision_recall: bool = False) -> dict:
-    """FD, KID (mean and std over subsets) and optionally precision / recall between two image arrays."""
+def feature_fn(name: str, scorer=None):
+    """images -> (N, F) features of the --features network."""
+    try:
+        if name == "fmnist":
+            from ldm_jax.eval.fmnist_net import fmnist_feature_fn
+
+            return fmnist_feature_fn()
+        if name == "inception":
+            if not _INCEPTION.value:
+                fail("--features=inception needs --inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-"
+                     "6726825d.pth, or its safetensors copy); nothing is downloaded")
+            from ldm_jax.eval.inception import inception_feature_fn
+
+            return inception_feature_fn(_INCEPTION.value)
+    except _USER_ERRORS as e:
+        fail(f"--features={name}: {e}")
+    if scorer is None:
+        fail("--features=clip needs --clip=PATH (a transformers CLIPModel folder); nothing is downloaded")
+    return scorer.image_features
+
+
+def features_of(fn, batches):
+    """float64 (N, F) features of an iterable of image batches, 500 images per call."""
     import numpy as np
 
+    out = [np.asarray(fn(b[i:i + 500]), np.float64) for b in batches for i in range(0, len(b), 500)]
+    return np.concatenate(out)
+
+
+def distances(real, fake, *, precision_recall: bool = False) -> dict:
+    """FD, KID (mean and std over subsets) and optionally precision / recall between two feature arrays."""
     from ldm_jax.eval.frechet import fid_from_features, kernel_inception_distance
     from ldm_jax.eval.frechet import precision_recall as pr
 
-    feats = lambda x: np.concatenate([np.asarray(feature_fn(x[i:i + 500]), np.float64)
-                                      for i in range(0, len(x), 500)])
-    fr, ff = feats(real), feats(fake)
-    subset = min(1000, len(fr), len(ff))
-    kid = kernel_inception_distance(fr, ff, subset_size=subset, num_subsets=50 if subset > 1 else 1)
-    out = {"fd": fid_from_features(fr, ff), "kid_mean": kid[0], "kid_std": kid[1], "num_real": len(fr),
-           "num_fake": len(ff)}
+    if min(len(real), len(fake)) < 2 or (precision_recall and min(len(real), len(fake)) < 4):
+        fail(f"too few images ({len(fake)} vs {len(real)} reference): FD and KID need 2 per set, precision / "
+             "recall 4")
+    subset = min(1000, len(real), len(fake))
+    kid = kernel_inception_distance(real, fake, subset_size=subset, num_subsets=50)
+    out = {"fd": fid_from_features(real, fake), "kid_mean": kid[0], "kid_std": kid[1], "num_real": len(real),
+           "num_fake": len(fake)}
     if precision_recall:
-        out.update(pr(fr, ff, k=min(3, len(fr) - 1, len(ff) - 1)))
+        out.update(pr(real, fake, k=3))
     return out
 
 
+def reference_batches(spec: str, resolution: int):
+    """Image batches of --reference: a folder, fashion_mnist[:split] (Debian's 28x28 files, as FD-FMNIST
+    uses) or another dataset name[:split] read in order through the data pipeline at `resolution`."""
+    import numpy as np
+
+    if os.path.isdir(spec):
+        return [read_folder(spec)[0]]
+    name, _, split = spec.partition(":")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        fail(f"--reference '{spec}' is neither a folder of images nor a dataset name[:split] (fashion_mnist, "
+             "shapes, openmoji or a prepared tfds dataset)")
+    split, limit = split or "test", max(1, _NUM_REF.value)
+    if name == "fashion_mnist":
+        from ldm_jax.eval.fmnist_net import load_fashion_mnist
+
+        real, _ = load_fashion_mnist(split)
+        return [np.repeat(real[:limit, ..., None], 3, axis=-1)]
+    from ldm_jax.data import DataConfig, make_iterator
+
+    data = DataConfig(name=name, split=split, data_dir=_DATA_DIR.value or None, resolution=resolution,
+                      batch_size=250, shuffle=False, num_epochs=1, drop_remainder=False, caption_dropout=0.0)
+    return _take((b["image"] for b in make_iterator(data)), limit)
+
+
+def _take(batches, limit: int):
+    seen = 0
+    for batch in batches:
+        yield batch[:limit - seen]
+        seen += len(batch)
+        if seen >= limit:
+            return
+
+
+def folder_prompts(prompts: list, count: int) -> list[str]:
+    """--prompts lines, else the PNG prompts read with the images (all must be present)."""
+    if _PROMPTS.value:
+        try:
+            with open(_PROMPTS.value, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            fail(f"--prompts: {e}")
+        if len(prompts) != count:
+            fail(f"--prompts={_PROMPTS.value} has {len(prompts)} lines for {count} images; give one per image")
+    elif None in prompts:
+        fail(f"{prompts.count(None)} of {count} images carry no 'prompt' text chunk; pass --prompts=FILE (one "
+             "line per image, file-name order) for the CLIP score")
+    return list(prompts)
+
+
 def evaluate_folders() -> dict:
-    if not _REFERENCE.value:
-        fail("--images needs --reference=FOLDER (the real images to compare with)")
-    fake, real = read_folder(_IMAGES.value), read_folder(_REFERENCE.value)
-    res = distances(_feature_fn(), real, fake, precision_recall=_PR.value)
-    return {"images": _IMAGES.value, "reference": _REFERENCE.value, "features": _FEATURES.value, **res}
+    if not _REFERENCE.value and not _CLIP.value:
+        fail("--images needs --reference=FOLDER_or_DATASET (FD / KID) and/or --clip=PATH (CLIP score)")
+    images, prompts = read_folder(_IMAGES.value)
+    prompts = folder_prompts(prompts, len(images)) if _CLIP.value else None
+    scorer = load_clip_scorer()
+    out = {"images": _IMAGES.value, "num_images": len(images)}
+    if _REFERENCE.value:
+        try:
+            batches = reference_batches(_REFERENCE.value, max(images.shape[1:3]))  # checked before any model loads
+            fn = feature_fn(_FEATURES.value, scorer)
+            real = features_of(fn, batches)
+        except _USER_ERRORS as e:
+            fail(f"--reference={_REFERENCE.value}: {e}")
+        out.update(reference=_REFERENCE.value, features=_FEATURES.value,
+                   **distances(real, features_of(fn, [images]), precision_recall=_PR.value))
+    if scorer is not None:
+        out.update(scorer(images, prompts))
+    return out
 
 
 def _sampling_options(config) -> dict:
@@ -102,46 +220,72 @@ def _sampling_options(config) -> dict:
                 guidance_scale=_GUIDANCE.value if _GUIDANCE.value >= 0 else float(s.get("guidance_scale", 3.0)))
 
 
+def _test_captions(config: dict, count: int) -> list[str]:
+    """The first `count` captions of the run's test split (prompts for the CLIP score of other datasets)."""
+    from ldm_jax.data import make_iterator
+    from ldm_jax.training import components
+
+    data = dict(config["data"], split="test", batch_size=8, shuffle=False, num_epochs=1, caption_dropout=0.0,
+                latent_cache=None, drop_remainder=False)
+    out = []
+    for batch in make_iterator(components.data_config(types.SimpleNamespace(data=data))):
+        out += [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+        if len(out) >= count:
+            break
+    return out[:count]
+
+
 def evaluate_ldm(workdir: str, config: dict) -> dict:
+    """Shapes adherence or FD-FMNIST / KID of generated images, plus the CLIP score with --clip."""
     import numpy as np
 
     from ldm_jax.training.ldm import load_generator
 
     dataset = config.get("data", {}).get("name", "")
+    scorer = load_clip_scorer()
+    if dataset not in ("shapes", "fashion_mnist") and scorer is None:
+        fail(f"no built-in metric for dataset '{dataset}' (shapes and fashion_mnist have one): pass --clip=PATH "
+             "for the CLIP score, or sample with `ldm-jax sample` and compare folders with --images/--reference")
     generator, params = load_generator(workdir)
     opts = _sampling_options(config)
     out = {"workdir": workdir, "stage": "ldm", "dataset": dataset, **opts}
+    generate = lambda prompts, seed: generator(params, prompts, seed=_SEED.value + seed, **opts)  # noqa: E731
     if dataset == "shapes":
         from ldm_jax.eval.adherence import demo_prompts
         from ldm_jax.eval.adherence import score_demo as score
 
         prompts, heldout = demo_prompts()
         reps = max(1, -(-(_NUM.value or 72) // len(prompts)))
-        images = np.concatenate([generator(params, prompts, seed=_SEED.value + r, **opts) for r in range(reps)])
-        out.update(score(images, prompts * reps, heldout * reps), num_images=len(images))
+        images = np.concatenate([generate(prompts, r) for r in range(reps)])
+        prompts, heldout = prompts * reps, heldout * reps
+        out.update(score(images, prompts, heldout))
     elif dataset == "fashion_mnist":
         from ldm_jax.data.fashion_mnist import CLASS_NAMES
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
 
         per_class = max(1, (_NUM.value or 2000) // len(CLASS_NAMES))
         prompts = [f"a photo of a {c}" for c in CLASS_NAMES for _ in range(per_class)]
-        fake = np.concatenate([generator(params, prompts[i:i + 100], seed=_SEED.value + i, **opts)
-                               for i in range(0, len(prompts), 100)])
+        images = np.concatenate([generate(prompts[i:i + 100], i) for i in range(0, len(prompts), 100)])
         real, _ = load_fashion_mnist("test")
-        out.update({f"{k}_fmnist" if k.startswith(("fd", "kid")) else k: v for k, v in
-                    distances(fmnist_feature_fn(), real[..., None], fake, precision_recall=_PR.value).items()})
+        fn = fmnist_feature_fn()
+        res = distances(features_of(fn, [real[..., None]]), features_of(fn, [images]), precision_recall=_PR.value)
+        out.update({f"{k}_fmnist" if k.startswith(("fd", "kid")) else k: v for k, v in res.items()})
     else:
-        fail(f"no built-in metric for dataset '{dataset}' (shapes and fashion_mnist have one); sample images "
-             "with `ldm-jax sample` and compare folders with --images/--reference")
+        prompts = _test_captions(config, _NUM.value or 256)
+        images = np.concatenate([generate(prompts[i:i + 64], i) for i in range(0, len(prompts), 64)])
+    out["num_images"] = len(images)
+    if scorer is not None:
+        out.update(scorer(images, prompts))
     return out
 
 
 def evaluate_autoencoder(workdir: str, config: dict) -> dict:
+    """PSNR / SSIM (and rFD-FMNIST on fashion_mnist) on 256 held-out images and 64 photo crops."""
     import jax
-    import numpy as np
+    import ml_collections
 
-    from ldm_jax.data import make_iterator
     from ldm_jax.eval.recon import autoencoder_metrics, photo_crops
+    from ldm_jax.eval.stage_metrics import heldout_images
     from ldm_jax.models import AutoencoderKL
     from ldm_jax.training import components
     from ldm_jax.training.checkpoint import restore_params
@@ -149,22 +293,14 @@ def evaluate_autoencoder(workdir: str, config: dict) -> dict:
     vae = AutoencoderKL(components.vae_config(config["model"]["vae"]))
     params = components.as_arrays(restore_params(workdir, ema=True))
     roundtrip = jax.jit(lambda x: vae.apply({"params": params}, x)[0])
-    data = dict(config["data"], split="test", batch_size=8, shuffle=False, num_epochs=1, caption_dropout=0.0,
-                flip=False, latent_cache=None, drop_remainder=False)
-    batches, heldout = make_iterator(components.data_config(types.SimpleNamespace(data=data))), []
-    for batch in batches:  # up to 256 held-out images, in order
-        heldout.append(np.asarray(batch["image"]))
-        if sum(map(len, heldout)) >= 256:
-            break
-    heldout = np.concatenate(heldout)[:256]
-    feature_fn = None
+    heldout = heldout_images(ml_collections.ConfigDict(config), 256)
+    fn = None
     if config["data"].get("name") == "fashion_mnist":
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn
 
-        feature_fn = fmnist_feature_fn()
+        fn = fmnist_feature_fn()
     out = {"workdir": workdir, "stage": "autoencoder", "dataset": config["data"].get("name")}
-    out.update({f"heldout_{k}": v for k, v in autoencoder_metrics(roundtrip, heldout,
-                                                                  feature_fn=feature_fn).items()})
+    out.update({f"heldout_{k}": v for k, v in autoencoder_metrics(roundtrip, heldout, feature_fn=fn).items()})
     res = int(config["data"].get("resolution", 32))
     out.update({f"photos_{k}": v for k, v in autoencoder_metrics(roundtrip, photo_crops(res, 64)).items()})
     return out
@@ -188,9 +324,15 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     if bool(_WORKDIR.value) == bool(_IMAGES.value):
-        fail("give either --workdir=DIR (a trained run) or --images=DIR --reference=DIR")
+        fail("give either --workdir=DIR (a trained run) or --images=DIR with --reference=DIR_or_DATASET / --clip")
+    if _FEATURES.value not in FEATURES:
+        from ldm_jax.types import nearest
+
+        fail(f"unknown --features '{_FEATURES.value}'{nearest(_FEATURES.value, FEATURES)}; choose one of "
+             f"{', '.join(FEATURES)}")
     t0 = time.time()
-    result = evaluate_workdir(_WORKDIR.value) if _WORKDIR.value else evaluate_folders()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON (tfds prints while preparing)
+        result = evaluate_workdir(_WORKDIR.value) if _WORKDIR.value else evaluate_folders()
     result["seconds"] = time.time() - t0
     text = json.dumps(result, indent=1, default=float)
     out = _OUT.value or (os.path.join(_WORKDIR.value, "eval.json") if _WORKDIR.value else "")

@@ -2,7 +2,8 @@
 
 Trains the stage the config names (autoencoder or latent diffusion). Rerunning the same command resumes
 from the newest checkpoint in the workdir. Multi-host: run the same command on every host with
---coordinator_address=HOST:PORT --num_processes=N --process_id=I (or let JAX detect the cluster).
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1] (or let JAX
+detect the cluster).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None,
+                                      "Multi-process, optional: this process's accelerator ids on its host, e.g. "
+                                      "0,1 (several processes per host).")
 
 
 def main(argv):
@@ -32,10 +36,13 @@ def main(argv):
              "--process_id=I (or none of them: JAX_* environment variables / cluster auto-detection)")
     if _NUM_PROCESSES.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
         fail(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value})")
+    local_ids = _LOCAL_DEVICE_IDS.value
+    if local_ids is not None and not all(i.strip().isdigit() for i in local_ids):
+        fail(f"--local_device_ids={','.join(local_ids)}: give non-negative integers separated by commas, e.g. 0,1")
     from ldm_jax.training import run
 
     run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value)
+        process_id=_PROCESS_ID.value, local_device_ids=None if local_ids is None else [int(i) for i in local_ids])
 
 
 def run_cli(argv):

@@ -87,24 +87,23 @@ def make_task(config, workdir: str):
         frozen_params = {"lpips": load_lpips(ac.lpips_vgg, ac.lpips_lin)}
     lpips = LPIPS()
 
-    def rec_term(x, r, frozen):
-        """Reconstruction loss: L1/L2, plus perceptual_weight * LPIPS when enabled (Rombach et al. 2022)."""
+    def rec_terms(x, r, frozen):
+        """(reconstruction loss, metrics): L1/L2, plus perceptual_weight * LPIPS when enabled (Rombach et al. 2022)."""
         loss = reconstruction(x, r, kind)
-        if perceptual_weight > 0:
-            loss = loss + perceptual_weight * jnp.mean(lpips.apply({"params": frozen["lpips"]}, x, r))
-        return loss
+        if perceptual_weight <= 0:
+            return loss, {}
+        distance = jnp.mean(lpips.apply({"params": frozen["lpips"]}, x, r))
+        return loss + perceptual_weight * distance, {"lpips": distance}
 
     def loss_fn(params, batch, rng, step, *, frozen, extra):
         x = batch["image"]
         post = vae.apply({"params": params}, x, method=vae.posterior)
         z = post.sample(rng)
         rec = vae.apply({"params": params}, z, method=vae.decode)
-        rec_loss = rec_term(x, rec, frozen)
+        rec_loss, metrics = rec_terms(x, rec, frozen)
         kl = jnp.mean(post.kl()) / (x.shape[1] * x.shape[2] * x.shape[3])
         loss = rec_loss + float(ac.kl_weight) * kl
-        metrics = {"rec_loss": rec_loss, "kl": kl}
-        if perceptual_weight > 0:
-            metrics["lpips"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, x, rec))
+        metrics.update(rec_loss=rec_loss, kl=kl)
         if use_gan:
             kernel = params["decoder"]["conv_out"]["kernel"]
             rec_w, vjp = jax.vjp(lambda k: decode_with_last(params, z, k), kernel)
@@ -112,7 +111,7 @@ def make_task(config, workdir: str):
             def g_loss_of(r):
                 return -jnp.mean(disc.apply({"params": extra["params"]}, r))
 
-            g_rec = vjp(jax.grad(lambda r: rec_term(x, r, frozen))(rec_w))[0]
+            g_rec = vjp(jax.grad(lambda r: rec_terms(x, r, frozen)[0])(rec_w))[0]
             g_adv = vjp(jax.grad(g_loss_of)(rec_w))[0]
             lam = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), 0.0, 1e4)
             lam = jax.lax.stop_gradient(lam) * float(ac.disc_weight) * (step >= int(ac.disc_start))

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
@@ -214,34 +215,49 @@ def _run_callbacks(callbacks: Sequence[Callback], step: int, state: TrainState, 
             writer.write_images(step, images)
 
 
-def _with_pretrained(state: TrainState, pretrained: PyTree) -> TrainState:
-    """`state` with params and EMA replaced by host arrays, each put directly into its leaf's sharding.
-
-    The optimizer state is kept: AdamW's fresh moments and count do not depend on the parameter values.
-    """
-    leaves, treedef = jax.tree.flatten(state.params)
+def _place_pretrained(abstract_params: PyTree, pretrained: PyTree) -> PyTree:
+    """Host arrays -> device arrays, each put straight into its parameter's sharding (checked against shapes)."""
+    leaves, treedef = jax.tree.flatten(abstract_params)
     try:
         new = treedef.flatten_up_to(pretrained)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"pretrained parameters do not have the model's structure: {str(e)[:200]}") from None
-    bad = [f"{np.shape(n)} vs {p.shape}" for p, n in zip(leaves, new) if tuple(np.shape(n)) != tuple(p.shape)]
+    bad = [f"{np.shape(n)} vs {a.shape}" for a, n in zip(leaves, new) if tuple(np.shape(n)) != tuple(a.shape)]
     if bad:
         raise ConfigError(f"{len(bad)} pretrained parameter(s) have other shapes than the model's (first: {bad[0]})")
-    put = lambda: jax.tree.unflatten(treedef, [jax.device_put(np.asarray(n, p.dtype), p.sharding)
-                                               for p, n in zip(leaves, new)])
-    return state.replace(params=put(), ema_params=put())
+    placed = [jax.device_put(np.asarray(n, a.dtype), a.sharding) for a, n in zip(leaves, new)]
+    return jax.tree.unflatten(treedef, placed)
 
 
-def _restore_or_init(ckpt: Checkpointer, init_fn, rng, mesh, rules, iterator,
-                     pretrained: PyTree = None) -> tuple[TrainState, int]:
+def _state_from_pretrained(task: Task, tx, rng, pretrained: PyTree, abstract: TrainState, shardings, mesh,
+                           rules) -> TrainState:
+    """A fresh state around pretrained params: the model's random init is neither compiled nor run.
+
+    The params enter the jitted state constructor as (donated) arguments, so they are never program
+    constants; optimizer moments, EMA and the stage's extra state are built around them in their shardings.
+    The keys are split as in ``_init_state`` (same step keys and extra init as a run from scratch).
+    """
+    params = _place_pretrained(abstract.params, pretrained)
+
+    def build(params, rng):
+        _, train_rng, extra_rng = jax.random.split(rng, 3)
+        extra = task.init_extra(extra_rng) if task.init_extra is not None else None
+        return nn.meta.unbox(create_state(params, tx, train_rng, extra))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params, rng)
+
+
+def _restore_or_init(ckpt: Checkpointer, task: Task, tx, rng, mesh, rules, iterator) -> tuple[TrainState, int]:
+    """The newest good checkpoint (and data position), else a fresh state: `task.pretrained` or random init."""
+    init_fn = functools.partial(_init_state, task, tx)
     abstract, shardings = shd.sharded_abstract(init_fn, mesh, rules, rng)
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-        state, _ = shd.create_sharded(init_fn, mesh, rules, rng, shardings=shardings)
-        if pretrained is not None:
-            state = _with_pretrained(state, pretrained)
-            logger.warning("fresh start from pretrained parameters")
-        return state, 0
+        if task.pretrained is None:
+            return shd.create_sharded(init_fn, mesh, rules, rng, shardings=shardings)[0], 0
+        logger.warning("fresh start from pretrained parameters")
+        return _state_from_pretrained(task, tx, rng, task.pretrained, abstract, shardings, mesh, rules), 0
     step, state, data_state = restored
     iterator.set_state(data_state)
     _trim_metrics(os.path.dirname(ckpt.directory), int(step))
@@ -257,13 +273,11 @@ def train(config, workdir: str, task: Task, callbacks: Sequence[Callback] = ()) 
     step_cfg = StepConfig.from_config(config.train)
     shd.check_batch_size(task.batch_size, mesh, step_cfg.grad_accum)
     tx, schedule = make_optimizer(OptimizerConfig.from_config(config.optimizer), lc.num_steps)
-    init_fn = functools.partial(_init_state, task, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=lc.keep, keep_every=lc.keep_every)
     writer = None
     try:
         iterator = task.make_iterator(jax.process_index(), jax.process_count())
-        state, start = _restore_or_init(ckpt, init_fn, jax.random.PRNGKey(lc.seed), mesh, rules, iterator,
-                                        task.pretrained)
+        state, start = _restore_or_init(ckpt, task, tx, jax.random.PRNGKey(lc.seed), mesh, rules, iterator)
         if start >= lc.num_steps:
             logger.warning("workdir %s is already at step %d >= train.num_steps=%d: nothing to do", workdir, start,
                            lc.num_steps)

@@ -197,13 +197,15 @@ def _cluster_detected() -> bool:
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None,
+                                 local_device_ids: Sequence[int] | None = None) -> bool:
     """Calls ``jax.distributed.initialize`` when this is (likely) one process of a multi-process job.
 
     Triggers: an explicit coordinator (argument or ``JAX_COORDINATOR_ADDRESS``, with ``JAX_NUM_PROCESSES`` /
     ``JAX_PROCESS_ID`` or arguments), or an environment JAX auto-detects (SLURM, Open MPI, Cloud TPU pods,
-    ...). With more than one process, CPU collectives go through gloo. Must run before any JAX computation.
-    Returns whether the distributed runtime is (now) initialized.
+    ...). ``local_device_ids`` (or ``JAX_LOCAL_DEVICE_IDS``) restricts this process to some of the host's
+    accelerators, for several processes per host. With more than one process, CPU collectives go through gloo.
+    Must run before any JAX computation. Returns whether the distributed runtime is (now) initialized.
     """
     if jax.distributed.is_initialized():
         return True
@@ -215,6 +217,7 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     if num_processes is None or num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id,
+                               local_device_ids=None if local_device_ids is None else list(local_device_ids))
     logger.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True

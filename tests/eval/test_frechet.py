@@ -104,6 +104,27 @@ def test_precision_recall_closed_form():
     assert same == {"precision": 1.0, "recall": 1.0}
 
 
+def test_precision_recall_disjoint_sets_and_mode_dropping():
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(200, 8))
+    far = frechet.precision_recall(real, rng.normal(size=(150, 8)) + 100.0, k=3)
+    assert far == {"precision": 0.0, "recall": 0.0}
+    # fakes covering only half of the real modes: every fake is plausible (precision high) but half of the
+    # real samples are not reached (recall about 1/2); swapping the roles swaps the two numbers
+    modes = np.concatenate([rng.normal(size=(100, 2)) * 0.1 + [20 * i, 0] for i in range(4)])
+    half = np.concatenate([rng.normal(size=(100, 2)) * 0.1 + [20 * i, 0] for i in range(2)])
+    got = frechet.precision_recall(modes, half, k=3)
+    assert got["precision"] > 0.9 and 0.45 <= got["recall"] <= 0.5
+    swapped = frechet.precision_recall(half, modes, k=3)
+    assert swapped["recall"] > 0.9 and 0.45 <= swapped["precision"] <= 0.5
+    # chunked k-NN radii equal a brute-force sort
+    x = rng.normal(size=(37, 3))
+    brute = np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, 3]
+    np.testing.assert_allclose(frechet.knn_radii(x, 3, chunk=8), brute, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="need more than 3 samples"):
+        frechet.knn_radii(x[:3], 3)
+
+
 def test_sharded_feature_fn_and_accumulate():
     assert len(jax.devices()) == 8
     w = np.random.default_rng(3).normal(size=(12, 6)).astype(np.float32)

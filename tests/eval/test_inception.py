@@ -14,9 +14,9 @@ from ldm_jax.convert.common import ConversionError
 from ldm_jax.eval import inception
 from ldm_jax.eval.frechet import data_mesh
 
-# pytorch-fid and torchvision live outside site-packages (`make setup` installs them with
-# `pip install --no-deps --target .venv/torch-refs`): PyPI's torchvision wheel is built against CUDA
-# torch, and an importable-but-broken torchvision would break diffusers / transformers imports elsewhere.
+# pytorch-fid and torchvision live outside site-packages (`make setup` installs them with `pip install --no-deps
+# --target .venv/torch-refs pytorch-fid==0.3.0 torchvision==0.28.0`): PyPI's torchvision wheel is built against
+# CUDA torch, and an importable-but-broken torchvision would break diffusers / transformers imports elsewhere.
 REFS = Path(sys.prefix) / "torch-refs"
 
 
@@ -28,10 +28,10 @@ def _import_pytorch_fid():
     module is replaced by an empty one. Afterwards the path and the torchvision modules are removed again,
     so that later imports of diffusers / transformers in this process do not see torchvision.
     """
-    if not (REFS / "pytorch_fid").is_dir():
-        raise RuntimeError(f"pytorch-fid reference not installed in {REFS}: run `make setup`")
+    if not (REFS / "pytorch_fid").is_dir() or not (REFS / "torchvision").is_dir():
+        raise RuntimeError(f"pytorch-fid / torchvision reference not installed in {REFS}: run `make setup`")
     saved = list(sys.path)
-    sys.path.insert(0, str(REFS))
+    sys.path.append(str(REFS))  # after site-packages: the venv's torch wins over anything in the refs dir
     name = "torchvision._meta_registrations"
     sys.modules.setdefault(name, types.ModuleType(name))
     try:

@@ -72,7 +72,9 @@ def test_missing_or_wrong_files_fail_clearly(reference, tmp_path):
 
 
 def test_autoencoder_stage_with_perceptual_loss(reference, tmp_path):
-    """A tiny stage-1 run with perceptual_weight > 0: the LPIPS term is logged and the loss includes it."""
+    """A tiny stage-1 run with perceptual_weight > 0 and the PatchGAN switched on at step 2: the LPIPS term is
+    logged and part of the reconstruction loss, the adaptive adversarial weight (whose numerator is the
+    gradient of that loss) is 0 before disc_start and positive after."""
     from ldm_jax.configlib import load_config
     from ldm_jax.training import run
     from ldm_jax.training.writers import read_metrics
@@ -82,11 +84,13 @@ def test_autoencoder_stage_with_perceptual_loss(reference, tmp_path):
     c.data.data_dir = str(tmp_path / "data")
     c.train.num_steps, c.train.log_every_steps, c.sample.every_steps = 2, 1, 0
     c.autoencoder.perceptual_weight = 0.5
+    c.autoencoder.disc_start = 1  # state.step 0 (logged as step 1) is before it, step 2 after
     c.autoencoder.lpips_vgg, c.autoencoder.lpips_lin = str(root / "vgg16.pth"), str(root / "vgg.pth")
     run(c, str(tmp_path / "ae"))
     rows = [r for r in read_metrics(str(tmp_path / "ae")) if "lpips" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["lpips"]) and r["lpips"] > 0 and r["rec_loss"] > 0.5 * r["lpips"] for r in rows)
+    assert rows[0]["adv_weight"] == 0 and 0 < rows[1]["adv_weight"] <= 1e4 and np.isfinite(rows[1]["d_loss"])
     c.autoencoder.lpips_lin = ""
     with pytest.raises(SystemExit):
         run(c, str(tmp_path / "ae2"))

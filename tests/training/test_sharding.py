@@ -68,3 +68,10 @@ def test_distributed_not_initialized_on_a_plain_machine(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert shd.maybe_initialize_distributed() is False
     assert jax.process_count() == 1
+
+
+def test_distributed_arguments_reach_jax_distributed(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    assert shd.maybe_initialize_distributed("127.0.0.1:1234", 1, 0, local_device_ids=(2, 3)) is True
+    assert seen == dict(coordinator_address="127.0.0.1:1234", num_processes=1, process_id=0, local_device_ids=[2, 3])

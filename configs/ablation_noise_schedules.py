@@ -1,27 +1,39 @@
 """Noise-schedule ablation on `shapes` (or `fashion_mnist`) at CPU scale: schedule x parametrization x
-weighting x seeds, every run evaluated with ddim / euler / heun / dpmpp_2m at 10 / 20 / 50 NFE.
+weighting, each run evaluated with ddim / euler / heun / dpmpp_2m at 10 / 20 / 50 NFE (and ddim at 100).
 
     ldm-jax sweep --config=configs/ablation_noise_schedules.py --workdir=runs/ablation_shapes
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:fashion_mnist --workdir=runs/ablation_fmnist
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:tiny --workdir=/tmp/sweep   # seconds (tests)
 
-Schedules (zipped): linear, cosine, sigmoid, edm, shifted cosine (shift 2) and cosine with zero terminal SNR;
-crossed with prediction eps / v and weighting uniform / min-SNR(5), seeds 0 and 1: 48 runs. With zero
-terminal SNR and eps-prediction the last step cannot recover x0 (alpha = 0); the diffusion core clamps the
-final time, so those runs measure that failure rather than crash (Lin et al. 2023 pair zero SNR with v).
+Schedules (zipped): linear (DDPM, terminal logSNR -10.1), cosine, sigmoid, edm (sigma_max 80: -8.8), cosine
+shifted by 2 and cosine rescaled to zero terminal SNR. The continuous cosine and sigmoid reach logSNR = -inf
+at t = 1; they are truncated at logSNR -10 (`diffusion.logsnr_min`) so that only the zero-SNR run has a pure
+noise endpoint and the others differ in shape, not in where they end. Crossed with prediction eps / v and
+weighting uniform / min-SNR(5), seed 0: 24 runs; plus a second seed (1) of the six headline settings
+(`sweep.extra`): 30 runs. With zero terminal SNR and eps-prediction the first step cannot recover x0
+(alpha = 0); the diffusion core clamps the final time, so that run measures the failure Lin et al. 2023
+predict rather than crashing.
 """
 
 from ldm_jax.configlib import load_config
 
 _SCHEDULES = dict(schedule=("linear", "cosine", "sigmoid", "edm", "cosine", "cosine"),
                   shift=(1.0, 1.0, 1.0, 1.0, 2.0, 1.0),
-                  zero_snr=(False, False, False, False, False, True))
+                  zero_snr=(False, False, False, False, False, True),
+                  logsnr_min=(None, -10.0, -10.0, None, -10.0, -10.0))
+_LINEAR = dict(schedule="linear", shift=1.0, zero_snr=False, logsnr_min=None)
+_COSINE = dict(schedule="cosine", shift=1.0, zero_snr=False, logsnr_min=-10.0)
+_ZERO_SNR = dict(_COSINE, zero_snr=True)
+# the settings each headline comparison needs, trained with a second seed
+_HEADLINE = ((_LINEAR, "eps", "uniform"), (_COSINE, "eps", "uniform"), (_LINEAR, "eps", "min_snr"),
+             (_COSINE, "v", "uniform"), (_COSINE, "v", "min_snr"), (_ZERO_SNR, "v", "uniform"))
 
 
 def get_config(arg=None):
     arg = arg or "shapes"
-    if arg not in ("shapes", "fashion_mnist", "tiny"):
-        raise ValueError(f"unknown variant '{arg}' of ablation_noise_schedules: use shapes, fashion_mnist or tiny")
+    if arg not in ("shapes", "samplers", "fashion_mnist", "tiny"):
+        raise ValueError(f"unknown variant '{arg}' of ablation_noise_schedules: use shapes, samplers, fashion_mnist "
+                         "or tiny")
     if arg == "fashion_mnist":
         c = load_config("configs/fashion_mnist.py:ldm")
         ae = "configs/fashion_mnist.py:autoencoder"
@@ -29,21 +41,40 @@ def get_config(arg=None):
         c = load_config("configs/shapes_ldm.py" + (":tiny" if arg == "tiny" else ""))
         ae = "configs/shapes_autoencoder.py" + (":tiny" if arg == "tiny" else "")
     c.model.vae.workdir = ""  # the sweep trains one shared autoencoder from sweep.autoencoder
-    c.train.num_steps = 1200 if arg != "tiny" else 2
     c.sample.every_steps = 0
+    if arg in ("shapes", "samplers"):  # narrower than the demo's (64, 128) U-Net, 800 steps: CPU-sized runs
+        c.model.unet.block_out_channels = (32, 64)
+        c.model.unet.num_heads = 2
+        c.model.unet.norm_num_groups = 16
+    c.train.num_steps = {"tiny": 2, "shapes": 800, "samplers": 800}.get(arg, 1200)
+    c.checkpoint.every_steps = c.train.num_steps
+    if arg != "tiny":  # convergence curves: prompt adherence (shapes) or FD-FMNIST 4 times per run
+        c.eval.metrics = ("adherence",) if c.data.name == "shapes" else ("fd_fmnist",)
+        c.eval.every_steps = c.train.num_steps // 4
+        c.eval.num_samples = 64 if c.data.name == "shapes" else 500
+        c.sample.sampler, c.sample.num_steps, c.sample.guidance_scale = "ddim", 20, 3.0
     c.sweep = dict(
         title=f"Noise schedules on {c.data.name}",
         autoencoder=ae,
         zip=dict(diffusion=_SCHEDULES),
         product=dict(diffusion=dict(prediction=("eps", "v"), weighting=("uniform", "min_snr"))),
-        seeds=(0, 1),
-        eval=dict(samplers=("ddim", "euler", "heun", "dpmpp_2m"), nfes=(10, 20, 50), num_samples=72,
-                  guidance_scale=3.0, primary="shape_acc" if c.data.name == "shapes" else "fd_fmnist"),
+        seeds=(0,),
+        extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=1))
+                    for sched, pred, w in _HEADLINE),
+        eval=dict(samplers=("ddim", "dpmpp_2m"), nfes=(10, 20), extra=(), num_samples=36, guidance_scale=3.0,
+                  primary="mean_acc" if c.data.name == "shapes" else "fd_fmnist"),
     )
+    if arg == "samplers":  # the sampler comparison: two settings, every sampler at 10 / 20 / 50 NFE, ddim at 100
+        c.sweep.zip = dict(diffusion=dict(zip(_COSINE, zip(_COSINE.values(), _LINEAR.values())),
+                                          prediction=("v", "eps"), weighting=("min_snr", "min_snr")))
+        c.sweep.product, c.sweep.extra = {}, ()
+        c.sweep.title = "Samplers x NFE on shapes"
+        c.sweep.eval = dict(samplers=("ddim", "euler", "heun", "dpmpp_2m"), nfes=(10, 20, 50), extra=(("ddim", 100),),
+                            num_samples=72, guidance_scale=3.0, primary="mean_acc")
     if arg == "tiny":
         c.sweep.zip = {}
         c.sweep.product = dict(diffusion=dict(schedule=("linear", "cosine")))
-        c.sweep.seeds = ()
-        c.sweep.eval = dict(samplers=("ddim", "heun"), nfes=(2,), num_samples=18, guidance_scale=2.0,
+        c.sweep.seeds, c.sweep.extra = (), ()
+        c.sweep.eval = dict(samplers=("ddim", "heun"), nfes=(2,), extra=(), num_samples=18, guidance_scale=2.0,
                             primary="shape_acc")
     return c

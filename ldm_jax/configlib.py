@@ -153,8 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
     # lpips_lin (the lpips package's weights/v0.1/vgg.pth).
     c.autoencoder = dict(loss="l1", kl_weight=1e-6, disc_start=-1, disc_weight=0.5, disc_channels=64,
                          disc_layers=3, disc_lr=1e-4, perceptual_weight=0.0, lpips_vgg="", lpips_lin="")
-    c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, prediction="eps",
-                       weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
+    # logsnr_min / logsnr_max truncate a continuous schedule (cosine, sigmoid, ... reach logSNR = -inf at t = 1).
+    c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, logsnr_min=None, logsnr_max=None,
+                       prediction="eps", weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                        warmup_steps=100, decay="cosine", grad_clip=1.0)
     c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,

@@ -31,6 +31,22 @@ def test_expand_is_the_product_of_grid_zip_and_seeds():
     assert r.config.diffusion.schedule == "cosine" and r.config.train.seed == 1 and "sweep" not in r.config
 
 
+def test_extra_runs_follow_the_grid_and_duplicates_are_dropped():
+    c = _sweep_config()
+    c.sweep.extra = (dict(diffusion=dict(schedule="linear", prediction="eps", weighting="uniform", min_snr_gamma=0.0),
+                          train=dict(seed=0)),  # already in the grid
+                     dict(train=dict(seed=7), diffusion=dict(prediction="v", schedule="cosine", weighting="min_snr",
+                                                             min_snr_gamma=5.0)))
+    runs = expand(c)
+    assert len(runs) == 2 * 2 * 2 * 2 + 1
+    new = runs[-1]
+    assert new.name.replace("seed=7", "seed=1") in {r.name for r in runs}  # named like its grid twin
+    assert new.config.train.seed == 7 and new.config.diffusion.prediction == "v"
+    c.sweep.extra = (dict(diffusion=dict(shedule="linear")),)
+    with pytest.raises(ConfigError, match="diffusion.shedule"):
+        expand(c)
+
+
 def test_bad_spec_errors():
     c = _sweep_config()
     c.sweep.product = dict(diffusion=dict(schedul=("linear",)))
@@ -61,12 +77,14 @@ def test_runner_resumes_splits_hosts_and_reports(tmp_path):
     c = _sweep_config()
     c.sweep.product = dict(diffusion=dict(schedule=("linear", "cosine")))
     c.sweep.zip, c.sweep.seeds = {}, ()
+    c.sweep.eval.extra = (("ddim", 8), ("euler", 4))  # one new point, one already in the grid
     calls = []
     rows = run_sweep(c, str(tmp_path), train_fn=_fake_train(calls), eval_fn=_fake_eval)
     assert len(rows) == 2 and len(calls) == 2
     assert rows[0]["final_loss"] == pytest.approx(2 / 3)
     assert {(e["sampler"], e["nfe"], e["fd"]) for e in rows[0]["evals"]} == {
-        ("ddim", 2, 1.0), ("ddim", 4, 0.5), ("euler", 2, 1.0), ("euler", 4, 0.5)}
+        ("ddim", 2, 1.0), ("ddim", 4, 0.5), ("euler", 2, 1.0), ("euler", 4, 0.5), ("ddim", 8, 0.25)}
+    assert len(rows[0]["evals"]) == 5 and rows[0]["eval_minutes"] >= 0
     run_sweep(c, str(tmp_path), train_fn=_fake_train(calls), eval_fn=_fake_eval)
     assert len(calls) == 2  # finished runs are skipped on rerun
 
@@ -90,6 +108,9 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
 
     cmd = [sys.executable, "-m", "ldm_jax", "sweep", "--config=configs/ablation_noise_schedules.py:tiny",
            f"--workdir={tmp_path}"]
+    prep = subprocess.run([*cmd, "--prepare_only"], capture_output=True, text=True, timeout=900)
+    assert prep.returncode == 0 and "ready" in prep.stdout, prep.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "autoencoder") and not (tmp_path / "results.jsonl").exists()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
@@ -104,6 +125,9 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     for png in ("loss_curves.png", "metric_vs_nfe.png", "metric_per_run.png"):
         assert os.path.getsize(tmp_path / png) > 1000
     assert len(os.listdir(tmp_path / "runs")) == 2 and os.path.isdir(tmp_path / "autoencoder")
+    # one latent cache shared by the runs, none of their own
+    assert os.path.isdir(tmp_path / "latent_cache")
+    assert not any(os.path.exists(tmp_path / "runs" / r / "latent_cache") for r in os.listdir(tmp_path / "runs"))
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

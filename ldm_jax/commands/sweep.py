@@ -4,10 +4,14 @@ Trains and evaluates every run of the config's ``sweep`` spec (product / zip / s
 fields, see ldm_jax/sweeps/spec.py): one shared autoencoder, then each latent-diffusion run (resumable;
 rerunning skips finished runs), each evaluated with every sampler x NFE of ``sweep.eval``; appends to
 DIR/results.jsonl and writes DIR/report.md with plots. ``--num_hosts=N --host_index=I`` splits the runs
-over hosts (host I takes runs I, I+N, ...); ``--report_only`` re-renders the report.
+over hosts (host I takes runs I, I+N, ...); ``--prepare_only`` trains the shared autoencoder and builds the
+shared latent cache, then stops (run it once before starting several hosts on one machine or file system);
+``--report_only`` re-renders the report.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -19,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the sweep (runs, results.jsonl, report.md).")
 _HOST = flags.DEFINE_integer("host_index", 0, "This host's index when the runs are split over hosts.")
 _HOSTS = flags.DEFINE_integer("num_hosts", 1, "Number of hosts the runs are split over.")
+_PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Only train the shared autoencoder and build the shared "
+                                   "latent cache (once, before several hosts start).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render report.md from results.jsonl.")
 
 
@@ -40,10 +46,16 @@ def main(argv):
             runs = expand(config)  # a bad spec fails here, before any training
             print(f"sweep: {len(runs)} runs -> {workdir}", flush=True)
             stages.prepare(config, workdir)
+            if _PREPARE_ONLY.value:
+                print(f"sweep: autoencoder and shared data ready in {workdir}", flush=True)
+                return
             run_sweep(config, workdir, train_fn=stages.train_fn, eval_fn=stages.make_eval_fn(config.sweep.get("eval")),
                       host_index=_HOST.value, num_hosts=_HOSTS.value)
         path = render_report(workdir, title=str(config.sweep.get("title", "Sweep report")),
                              primary=config.sweep.get("eval", {}).get("primary") or None)
+    except stages.Interrupted as e:
+        print(f"sweep: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except (ConfigError, ValueError) as e:
         fail(str(e))
     print(f"sweep: report -> {path}", flush=True)

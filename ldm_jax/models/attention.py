@@ -39,6 +39,10 @@ def dot_product_attention(
     XLA for the rest, e.g. cross-attention to 77 tokens), "xla", or "explicit" (plain einsum with float32
     softmax; always available).
     """
+    if implementation == "cudnn" and (q.shape[1] % 64 or k.shape[1] % 64):
+        # decided from the shapes, not only by catching cuDNN's refusal: under remat its backward-pass check
+        # ("Unsupported sequence length Q 4096, KV 77", H200, jax 0.11.2) fires outside this trace
+        implementation = None
     if implementation == "cudnn":  # flash kernel where cuDNN takes the shapes (e.g. not KV length 77), else XLA
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")

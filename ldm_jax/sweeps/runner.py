@@ -43,17 +43,30 @@ def _final_loss(run_dir: str) -> float | None:
     return losses[-1] if losses else None
 
 
-def _run_one(run: Run, run_dir: str, train_fn: TrainFn, eval_fn: EvalFn, samplers, nfes) -> dict:
+def eval_points(eval_spec) -> list[tuple[str, int]]:
+    """(sampler, NFE) pairs of ``sweep.eval``: samplers x nfes, then the ``extra`` pairs (e.g. ddim at 100)."""
+    samplers = tuple(eval_spec.get("samplers", ("ddim",)))
+    nfes = tuple(eval_spec.get("nfes", (20,)))
+    points = [(str(s), int(n)) for s in samplers for n in nfes]
+    for pair in eval_spec.get("extra", ()) or ():
+        if len(pair) != 2:
+            raise ValueError(f"sweep.eval.extra entries are (sampler, nfe) pairs, got {pair!r}")
+        if (str(pair[0]), int(pair[1])) not in points:
+            points.append((str(pair[0]), int(pair[1])))
+    return points
+
+
+def _run_one(run: Run, run_dir: str, train_fn: TrainFn, eval_fn: EvalFn, points) -> dict:
     t0 = time.time()
     train_fn(run.config, run_dir)
     train_minutes = (time.time() - t0) / 60
-    evals = []
-    for sampler in samplers:
-        for nfe in nfes:
-            metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
-            evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
+    t1, evals = time.time(), []
+    for sampler, nfe in points:
+        metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
+        evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
     return {"run": run.name, "overrides": {k: v for k, v in run.overrides}, "workdir": run_dir,
-            "train_minutes": train_minutes, "final_loss": _final_loss(run_dir), "evals": evals}
+            "train_minutes": train_minutes, "eval_minutes": (time.time() - t1) / 60,
+            "final_loss": _final_loss(run_dir), "evals": evals}
 
 
 def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_index: int = 0,
@@ -63,8 +76,9 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
     os.makedirs(workdir, exist_ok=True)
     done = {row["run"] for row in read_results(workdir)}
     eval_spec = config.sweep.get("eval", {})
-    samplers = tuple(eval_spec.get("samplers", ("ddim",)))
-    nfes = tuple(eval_spec.get("nfes", (20,)))
+    points = eval_points(eval_spec)
+    samplers = tuple(dict.fromkeys(s for s, _ in points))
+    nfes = tuple(sorted({n for _, n in points}))
     out_name = "results.jsonl" if num_hosts == 1 else f"results.host{host_index}.jsonl"
     mine = [r for i, r in enumerate(runs) if i % num_hosts == host_index]
     for k, run in enumerate(mine):
@@ -72,7 +86,7 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
             logging.info("sweep: %s already finished, skipping", run.name)
             continue
         logging.info("sweep: run %d/%d %s", k + 1, len(mine), run.name)
-        row = _run_one(run, os.path.join(workdir, "runs", run.name), train_fn, eval_fn, samplers, nfes)
+        row = _run_one(run, os.path.join(workdir, "runs", run.name), train_fn, eval_fn, points)
         with open(os.path.join(workdir, out_name), "a") as f:
             f.write(json.dumps(row) + "\n")
     with open(os.path.join(workdir, "sweep.json"), "w") as f:

@@ -9,7 +9,12 @@ A sweep config is an ordinary training config with a ``sweep`` section::
 ``product`` takes the Cartesian product of its fields; ``zip`` walks its (equal-length) fields together,
 and the zipped tuples are crossed with the product grid; ``seeds`` sets ``train.seed`` (the outermost
 axis). The nesting mirrors the config (ConfigDict keys cannot hold dots), leaves are the tuples of values;
-a field that does not exist is an error naming the nearest one.
+a field that does not exist is an error naming the nearest one. ``extra`` lists single runs to add after
+the grid, each a nested dict of values (e.g. a second seed for the headline settings only)::
+
+    c.sweep.extra = (dict(diffusion=dict(schedule="linear", prediction="eps"), train=dict(seed=1)),)
+
+An extra run with the same settings as a grid run is the same run (listed once).
 """
 
 from __future__ import annotations
@@ -65,13 +70,37 @@ def _leaves(spec, prefix: str = "") -> dict:
     return out
 
 
+def _extra_points(spec, order: list[str]) -> list[tuple]:
+    points = []
+    for entry in spec.get("extra", ()) or ():
+        flat = _flat(entry)
+        keys = [k for k in order if k in flat] + sorted(k for k in flat if k not in order and k != "train.seed")
+        keys += ["train.seed"] if "train.seed" in flat else []
+        points.append(tuple((k, flat[k]) for k in keys))
+    return points
+
+
+def _flat(entry, prefix: str = "") -> dict:
+    """Nested {section: {field: value}} -> {"section.field": value} (one value per field)."""
+    if hasattr(entry, "to_dict"):
+        entry = entry.to_dict()
+    if not isinstance(entry, dict):
+        raise ConfigError(f"sweep.extra entries are nested dicts of config values, got {entry!r}")
+    out = {}
+    for k, v in entry.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) or hasattr(v, "to_dict") else {key: v})
+    return out
+
+
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
     """All runs of the sweep described by ``config.sweep`` (the base config without it)."""
     spec = config.get("sweep", ml_collections.ConfigDict())
     product = _leaves(spec.get("product", {}))
     zipped = _leaves(spec.get("zip", {}))
     seeds = tuple(spec.get("seeds", ()) or ())
-    _check_keys(config, [*product, *zipped])
+    extra = _extra_points(spec, [*product, *zipped])
+    _check_keys(config, [*product, *zipped, *(k for pt in extra for k, _ in pt)])
     lengths = {len(v) for v in zipped.values()}
     if len(lengths) > 1:
         raise ConfigError(f"sweep.zip fields must have equal lengths, got {sorted(lengths)}")
@@ -82,9 +111,12 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
     base = ml_collections.ConfigDict(config.to_dict())
     if "sweep" in base:
         del base["sweep"]
-    runs, names = [], set()
-    for seed_pt, grid_pt, zip_pt in itertools.product(seed_points, grid_points, zip_points):
-        overrides = grid_pt + zip_pt + seed_pt
+    runs, names, seen = [], set(), set()
+    points = [g + z + s for s, g, z in itertools.product(seed_points, grid_points, zip_points)] + extra
+    for overrides in points:
+        if frozenset(overrides) in seen:
+            continue
+        seen.add(frozenset(overrides))
         cfg = ml_collections.ConfigDict(base.to_dict())
         for k, v in overrides:
             _set(cfg, k, v)

@@ -6,7 +6,8 @@ directory ``SWEEP_WORKDIR/data``; each run trains stage 2 into ``SWEEP_WORKDIR/r
 
 Evaluation at a number of function evaluations (NFE): Heun's method costs two network evaluations per step
 but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step per NFE. Metrics:
-- shapes: colour / shape / position accuracy of the demo prompts (held-out pairs included) and
+- shapes: colour / shape / position accuracy of the demo prompts (held-out pairs included), their mean
+  ``mean_acc``, and
   ``brightness_gap`` = |mean generated pixel - mean pixel of the test split| (in [0, 1] units), the
   mean-brightness bias that zero-terminal-SNR addresses (Lin et al. 2023);
 - fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images).
@@ -26,6 +27,17 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
     return max(1, (int(nfe) + 1) // 2) if sampler == "heun" else int(nfe)
 
 
+class Interrupted(RuntimeError):
+    """A stage stopped before its last step (SIGTERM / preemption): the sweep stops; rerunning resumes it."""
+
+
+def _check_finished(state, config, what: str) -> None:
+    step = None if state is None else int(np.asarray(state.step))
+    if step is None or step < int(config.train.num_steps):
+        raise Interrupted(f"{what} stopped at step {step} of {int(config.train.num_steps)} (signal?); nothing was "
+                          "recorded for it: rerun the same command to resume")
+
+
 def prepare(config, workdir: str):
     """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data."""
     from ldm_jax.training import run
@@ -39,24 +51,38 @@ def prepare(config, workdir: str):
         for key, value in (config.sweep.get("autoencoder_overrides", {}) or {}).items():
             section, field = key.split(".", 1)
             ae[section][field] = value
-        run(ae, os.path.join(workdir, "autoencoder"))
+        _check_finished(run(ae, os.path.join(workdir, "autoencoder")), ae, "the shared autoencoder")
         config.model.vae.workdir = os.path.join(workdir, "autoencoder")
     elif not (config.model.vae.get("workdir") or config.model.vae.get("pretrained")):
         raise ConfigError("the sweep needs an autoencoder: set sweep.autoencoder (a config spec trained once) or "
                           "model.vae.workdir / model.vae.pretrained")
+    if str(config.data.get("latent_cache", "") or "") == "auto":
+        # one cache for every run (they share the autoencoder and text encoder), not one per run directory
+        from ldm_jax.training.ldm import build, ensure_latent_cache
+
+        model, frozen, _, _ = build(config)
+        config.data.latent_cache = ensure_latent_cache(config, model, frozen, workdir)
     return config
 
 
 def train_fn(config, run_dir: str):
     from ldm_jax.training import run
 
-    return run(config, run_dir)
+    state = run(config, run_dir)
+    _check_finished(state, config, f"run {os.path.basename(run_dir)}")
+    return state
+
+
+_DATA_MEANS: dict = {}
 
 
 def _data_mean(config, count: int = 512) -> float:
     from ldm_jax.eval.stage_metrics import heldout_images
 
-    return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
+    key = (str(config.data.name), str(config.data.data_dir), int(config.data.resolution))
+    if key not in _DATA_MEANS:
+        _DATA_MEANS[key] = float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
+    return _DATA_MEANS[key]
 
 
 def make_eval_fn(sweep_eval) -> callable:
@@ -72,11 +98,21 @@ def make_eval_fn(sweep_eval) -> callable:
     return eval_fn
 
 
-def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int) -> dict:
-    """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc)."""
+_LOADED: dict = {}  # run_dir -> (generator, params): its compiled samplers are reused across evaluations
+
+
+def _generator(config, run_dir: str):
     from ldm_jax.training.ldm import load_generator
 
-    generator, params = load_generator(run_dir, config)
+    if run_dir not in _LOADED:
+        _LOADED.clear()  # one run at a time: keep the previous run's programs from piling up
+        _LOADED[run_dir] = load_generator(run_dir, config)
+    return _LOADED[run_dir]
+
+
+def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int) -> dict:
+    """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc)."""
+    generator, params = _generator(config, run_dir)
     opts = dict(sampler=sampler, num_steps=steps_for_nfe(sampler, nfe), guidance_scale=guidance_scale)
     dataset = str(config.data.name)
     n = num_samples
@@ -88,6 +124,7 @@ def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale
         reps = max(1, -(-n // len(prompts)))
         images = np.concatenate([generator(params, prompts, seed=r, **opts) for r in range(reps)])
         out.update(score_demo(images, prompts * reps, heldout * reps))
+        out["mean_acc"] = float(np.mean([out["color_acc"], out["shape_acc"], out["position_acc"]]))
         out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - _data_mean(config))
     elif dataset == "fashion_mnist":
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist

@@ -101,10 +101,12 @@ def text_encoder(section) -> TextEncoder:
 
 
 def schedule(section):
-    """The noise schedule of a ``diffusion`` section."""
+    """The noise schedule of a ``diffusion`` section; ``logsnr_min`` / ``logsnr_max`` (None: untruncated)
+    truncate a continuous schedule before ``zero_snr`` and ``shift`` apply."""
     d = _section(section)
+    bounds = {k: float(d[k]) for k in ("logsnr_min", "logsnr_max") if d.get(k) is not None}
     return diffusion.get_schedule(d.get("schedule", "cosine"), shift=float(d.get("shift", 1.0)),
-                                  zero_snr=bool(d.get("zero_snr", False)))
+                                  zero_snr=bool(d.get("zero_snr", False)), **bounds)
 
 
 def weighting_kwargs(section) -> dict:

@@ -102,3 +102,30 @@ def test_eval_callbacks_log_metrics_during_training(tmp_path):
     ldm.eval.metrics = ("adherance",)
     with pytest.raises(ConfigError, match="did you mean 'adherence'"):
         stage_metrics.ldm_callbacks(ldm, generator=None)
+
+
+def test_diffusion_section_truncates_continuous_schedules():
+    """diffusion.logsnr_min bounds cosine's logSNR at t = 1 (untruncated it is -inf); zero_snr then rescales the
+    truncated schedule to alpha(1) = 0; a discrete table rejects the bound in one line."""
+    import math
+
+    import ml_collections
+
+    from ldm_jax.configlib import base_config
+    from ldm_jax.training import components
+    from ldm_jax.types import ConfigError
+
+    c = base_config()
+    assert math.isinf(float(components.schedule(c.diffusion).logsnr(1.0)))
+    c.diffusion.logsnr_min = -10.0
+    s = components.schedule(c.diffusion)
+    np.testing.assert_allclose(float(s.logsnr(1.0)), -10.0, atol=1e-4)
+    np.testing.assert_allclose(float(s.logsnr(0.0)), float(components.schedule(base_config().diffusion).logsnr(0.0)),
+                               rtol=1e-6)
+    c.diffusion.shift = 2.0
+    np.testing.assert_allclose(float(components.schedule(c.diffusion).logsnr(1.0)), -10.0 - 2 * math.log(2), atol=1e-4)
+    c.diffusion.shift, c.diffusion.zero_snr = 1.0, True
+    assert float(components.schedule(c.diffusion).alpha_sigma(1.0)[0]) == 0.0
+    bad = ml_collections.ConfigDict(dict(schedule="linear", logsnr_min=-10.0))
+    with pytest.raises(ConfigError, match="linear"):
+        components.schedule(bad)

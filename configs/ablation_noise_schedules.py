@@ -42,10 +42,6 @@ def get_config(arg=None):
         ae = "configs/shapes_autoencoder.py" + (":tiny" if arg == "tiny" else "")
     c.model.vae.workdir = ""  # the sweep trains one shared autoencoder from sweep.autoencoder
     c.sample.every_steps = 0
-    if arg in ("shapes", "samplers"):  # narrower than the demo's (64, 128) U-Net, 800 steps: CPU-sized runs
-        c.model.unet.block_out_channels = (32, 64)
-        c.model.unet.num_heads = 2
-        c.model.unet.norm_num_groups = 16
     c.train.num_steps = {"tiny": 2, "shapes": 800, "samplers": 800}.get(arg, 1200)
     c.checkpoint.every_steps = c.train.num_steps
     if arg != "tiny":  # convergence curves: prompt adherence (shapes) or FD-FMNIST 4 times per run
@@ -61,6 +57,7 @@ def get_config(arg=None):
         seeds=(0,),
         extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=1))
                     for sched, pred, w in _HEADLINE),
+        first=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w)) for sched, pred, w in _HEADLINE),
         eval=dict(samplers=("ddim", "dpmpp_2m"), nfes=(10, 20), extra=(), num_samples=36, guidance_scale=3.0,
                   primary="mean_acc" if c.data.name == "shapes" else "fd_fmnist"),
     )

@@ -45,6 +45,12 @@ def test_extra_runs_follow_the_grid_and_duplicates_are_dropped():
     c.sweep.extra = (dict(diffusion=dict(shedule="linear")),)
     with pytest.raises(ConfigError, match="diffusion.shedule"):
         expand(c)
+    c.sweep.extra = ()
+    c.sweep.first = (dict(diffusion=dict(schedule="cosine", prediction="v")), dict(train=dict(seed=1)))
+    order = [dict(r.overrides) for r in expand(c)]
+    assert [(o["diffusion.schedule"], o["diffusion.prediction"]) for o in order[:4]] == [("cosine", "v")] * 4
+    assert [o["train.seed"] for o in order[4:10]] == [1] * 6 and len(order) == 16
+    assert order[10:] == [o for o in map(dict, (r.overrides for r in expand(_sweep_config()))) if o not in order[:10]]
 
 
 def test_bad_spec_errors():

@@ -14,7 +14,9 @@ the grid, each a nested dict of values (e.g. a second seed for the headline sett
 
     c.sweep.extra = (dict(diffusion=dict(schedule="linear", prediction="eps"), train=dict(seed=1)),)
 
-An extra run with the same settings as a grid run is the same run (listed once).
+An extra run with the same settings as a grid run is the same run (listed once). ``first`` (nested dicts of
+values, like ``extra``) moves the runs that match any of its entries to the front, in their order, so that a
+sweep cut short has the comparisons that matter most.
 """
 
 from __future__ import annotations
@@ -125,4 +127,12 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
             name = f"{name},{len(names)}"
         names.add(name)
         runs.append(Run(name=name, overrides=overrides, config=cfg))
-    return runs
+    first = [_flat(entry) for entry in spec.get("first", ()) or ()]
+    _check_keys(config, [k for entry in first for k in entry])
+
+    def rank(run: Run) -> int:
+        settings = dict(run.overrides)
+        return next((i for i, entry in enumerate(first)
+                     if all(k in settings and settings[k] == v for k, v in entry.items())), len(first))
+
+    return sorted(runs, key=rank)  # stable: grid order within each rank

@@ -1,7 +1,8 @@
 """Noise-schedule ablation on `shapes` (or `fashion_mnist`) at CPU scale: schedule x parametrization x
-weighting, each run evaluated with ddim / euler / heun / dpmpp_2m at 10 / 20 / 50 NFE (and ddim at 100).
+weighting, on the demo's stage-2 model (U-Net (64, 128), 800 steps of batch 32 on the shared autoencoder).
 
     ldm-jax sweep --config=configs/ablation_noise_schedules.py --workdir=runs/ablation_shapes
+    ldm-jax sweep --config=configs/ablation_noise_schedules.py:samplers --workdir=runs/ablation_samplers
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:fashion_mnist --workdir=runs/ablation_fmnist
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:tiny --workdir=/tmp/sweep   # seconds (tests)
 
@@ -10,9 +11,12 @@ shifted by 2 and cosine rescaled to zero terminal SNR. The continuous cosine and
 at t = 1; they are truncated at logSNR -10 (`diffusion.logsnr_min`) so that only the zero-SNR run has a pure
 noise endpoint and the others differ in shape, not in where they end. Crossed with prediction eps / v and
 weighting uniform / min-SNR(5), seed 0: 24 runs; plus a second seed (1) of the six headline settings
-(`sweep.extra`): 30 runs. With zero terminal SNR and eps-prediction the first step cannot recover x0
-(alpha = 0); the diffusion core clamps the final time, so that run measures the failure Lin et al. 2023
-predict rather than crashing.
+(`sweep.extra`), which train first (`sweep.first`): 30 runs. Each run is evaluated with ddim and dpmpp_2m at
+10 and 20 NFE (36 images) and, during training, for prompt adherence every 200 steps (ddim 20, 64 images).
+The `samplers` variant trains two settings and evaluates every sampler (ddim, euler, heun, dpmpp_2m) at 10 /
+20 / 50 NFE and ddim at 100 (72 images). With zero terminal SNR and eps-prediction the first step cannot
+recover x0 (alpha = 0); the diffusion core clamps the final time, so such a run measures the failure Lin et
+al. 2023 predict rather than crashing.
 """
 
 from ldm_jax.configlib import load_config

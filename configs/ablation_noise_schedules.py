@@ -30,7 +30,7 @@ _COSINE = dict(schedule="cosine", shift=1.0, zero_snr=False, logsnr_min=-10.0)
 _ZERO_SNR = dict(_COSINE, zero_snr=True)
 # the settings each headline comparison needs, trained with a second seed
 _HEADLINE = ((_LINEAR, "eps", "uniform"), (_COSINE, "eps", "uniform"), (_LINEAR, "eps", "min_snr"),
-             (_COSINE, "v", "uniform"), (_COSINE, "v", "min_snr"), (_ZERO_SNR, "v", "uniform"))
+             (_COSINE, "v", "uniform"), (_ZERO_SNR, "v", "uniform"), (_COSINE, "v", "min_snr"))
 
 
 def get_config(arg=None):

@@ -113,12 +113,13 @@ def main():
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, pred in zip(axes, ("eps", "v")):
-        for key in sorted(k for k in by if k[1] == pred):
-            for i, r in enumerate(by[key]):
+        for c, key in enumerate(sorted(k for k in by if k[1] == pred)):
+            for i, r in enumerate(by[key]):  # one colour per setting, one line per seed
                 adh = r["training"]["adherence"]
                 st = sorted(adh)
                 if st:
                     ax.plot(st, [np.mean([adh[s][k] for k in ADHERENCE[:3]]) for s in st], marker=".", alpha=0.8,
+                            color=f"C{c}",
                             ls="-" if key[2] == "min_snr" else "--", label=f"{key[0]}, {key[2]}" if i == 0 else None)
         ax.set_title(f"{pred}-prediction (solid: min-SNR, dashed: uniform)", fontsize=9)
         ax.set_xlabel("training step")

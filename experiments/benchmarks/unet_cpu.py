@@ -38,6 +38,9 @@ import sys
 import time
 
 import numpy as np
+from bench_log import PARTIAL
+from bench_log import emit as _emit
+from bench_log import phase as _phase
 
 # The benchmark U-Net: SD 1.x layout (attention at the two upper levels, 1x1-conv projections, a plain lowest
 # level), scaled down to ~5.3M parameters; 16x16x4 latents, cross-attention to 77 tokens of width 768.
@@ -51,19 +54,7 @@ VARIANTS = {  # name -> (XLA compile options, batch split, cfg batched)
     "split2": ({}, 2, False),
     "split2_no_ynn": ({"xla_cpu_experimental_ynn_fusion_type": ""}, 2, False),
 }
-_PARTIAL: list[str] = []
-
-
-def _emit(rec: dict) -> None:
-    line = json.dumps(rec)
-    print(line, flush=True)
-    for path in _PARTIAL:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-
-
-def _phase(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+_PARTIAL = PARTIAL  # where each finished configuration is appended at once
 
 
 def _stats(times: list[float]) -> dict:

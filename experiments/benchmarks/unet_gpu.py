@@ -28,24 +28,15 @@ import sys
 import time
 
 import numpy as np
+from bench_log import PARTIAL
+from bench_log import emit as _emit
+from bench_log import phase as _phase
 
 H100_BF16_PEAK = 989.4e12
 MEASURED_MATMUL = 798e12
 
 
-_PARTIAL = []  # where each finished configuration is appended at once (a killed run keeps what it measured)
-
-
-def _emit(rec: dict) -> None:
-    line = json.dumps(rec)
-    print(line, flush=True)
-    for path in _PARTIAL:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-
-
-def _phase(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+_PARTIAL = PARTIAL  # where each finished configuration is appended at once
 
 
 def _timeit(fn, sync, warmup: int, iters: int) -> list[float]:

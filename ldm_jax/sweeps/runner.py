@@ -77,8 +77,6 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
     done = {row["run"] for row in read_results(workdir)}
     eval_spec = config.sweep.get("eval", {})
     points = eval_points(eval_spec)
-    samplers = tuple(dict.fromkeys(s for s, _ in points))
-    nfes = tuple(sorted({n for _, n in points}))
     out_name = "results.jsonl" if num_hosts == 1 else f"results.host{host_index}.jsonl"
     mine = [r for i, r in enumerate(runs) if i % num_hosts == host_index]
     for k, run in enumerate(mine):
@@ -90,5 +88,5 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
         with open(os.path.join(workdir, out_name), "a") as f:
             f.write(json.dumps(row) + "\n")
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
-        json.dump({"runs": [r.name for r in runs], "samplers": samplers, "nfes": nfes}, f, indent=1)
+        json.dump({"runs": [r.name for r in runs], "evals": points}, f, indent=1)
     return read_results(workdir)

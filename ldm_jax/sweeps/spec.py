@@ -58,18 +58,9 @@ def _short(key: str, value) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "", text.replace(" ", ""))
 
 
-def _leaves(spec, prefix: str = "") -> dict:
-    """Nested {section: {field: values}} -> {"section.field": values}."""
-    if hasattr(spec, "to_dict"):
-        spec = spec.to_dict()
-    out = {}
-    for k, v in (spec or {}).items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_leaves(v, key))
-        else:
-            out[key] = tuple(v)
-    return out
+def _leaves(spec) -> dict:
+    """Nested {section: {field: values}} -> {"section.field": tuple of values}."""
+    return {k: tuple(v) for k, v in _flat(spec or {}).items()}
 
 
 def _extra_points(spec, order: list[str]) -> list[tuple]:
@@ -83,11 +74,11 @@ def _extra_points(spec, order: list[str]) -> list[tuple]:
 
 
 def _flat(entry, prefix: str = "") -> dict:
-    """Nested {section: {field: value}} -> {"section.field": value} (one value per field)."""
+    """Nested {section: {field: value}} -> {"section.field": value}."""
     if hasattr(entry, "to_dict"):
         entry = entry.to_dict()
     if not isinstance(entry, dict):
-        raise ConfigError(f"sweep.extra entries are nested dicts of config values, got {entry!r}")
+        raise ConfigError(f"sweep entries are nested dicts of config fields, got {entry!r}")
     out = {}
     for k, v in entry.items():
         key = f"{prefix}.{k}" if prefix else k

@@ -73,46 +73,46 @@ def train_fn(config, run_dir: str):
     return state
 
 
-_DATA_MEANS: dict = {}
-
-
 def _data_mean(config, count: int = 512) -> float:
     from ldm_jax.eval.stage_metrics import heldout_images
 
-    key = (str(config.data.name), str(config.data.data_dir), int(config.data.resolution))
-    if key not in _DATA_MEANS:
-        _DATA_MEANS[key] = float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
-    return _DATA_MEANS[key]
+    return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
 
 
 def make_eval_fn(sweep_eval) -> callable:
     """``eval_fn(config, run_dir, *, sampler, num_steps)`` with the sweep's ``eval`` settings (guidance_scale,
-    num_samples); `num_steps` is the NFE (see the module doc)."""
+    num_samples); `num_steps` is the NFE (see the module doc). The function keeps the run being evaluated
+    loaded, so its compiled samplers and the data's mean pixel are reused across that run's evaluations."""
     settings = dict(sweep_eval or {})
+    current: dict = {}  # {run_dir: (generator, params)} of the run being evaluated
+    means: dict = {}    # data_dir -> the test split's mean pixel (shapes)
 
     def eval_fn(config, run_dir: str, *, sampler: str, num_steps: int) -> dict:
+        from ldm_jax.training.ldm import load_generator
+
+        if run_dir not in current:
+            current.clear()  # one run at a time: the previous run's programs are dropped
+            current[run_dir] = load_generator(run_dir, config)
+        data_dir = str(config.data.data_dir)
+        if data_dir not in means and str(config.data.name) == "shapes":
+            means[data_dir] = _data_mean(config)
         return evaluate_run(config, run_dir, sampler=sampler, nfe=int(num_steps),
                             guidance_scale=float(settings.get("guidance_scale", 3.0)),
-                            num_samples=int(settings.get("num_samples", 72)))
+                            num_samples=int(settings.get("num_samples", 72)), loaded=current[run_dir],
+                            data_mean=means.get(data_dir))
 
     return eval_fn
 
 
-_LOADED: dict = {}  # run_dir -> (generator, params): its compiled samplers are reused across evaluations
+def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int,
+                 loaded=None, data_mean: float | None = None) -> dict:
+    """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc).
 
-
-def _generator(config, run_dir: str):
+    `loaded` is the run's (generator, params) when the caller keeps them, `data_mean` the test split's mean
+    pixel (shapes); both are computed here when not given."""
     from ldm_jax.training.ldm import load_generator
 
-    if run_dir not in _LOADED:
-        _LOADED.clear()  # one run at a time: keep the previous run's programs from piling up
-        _LOADED[run_dir] = load_generator(run_dir, config)
-    return _LOADED[run_dir]
-
-
-def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int) -> dict:
-    """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc)."""
-    generator, params = _generator(config, run_dir)
+    generator, params = loaded or load_generator(run_dir, config)
     opts = dict(sampler=sampler, num_steps=steps_for_nfe(sampler, nfe), guidance_scale=guidance_scale)
     dataset = str(config.data.name)
     n = num_samples
@@ -125,7 +125,8 @@ def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale
         images = np.concatenate([generator(params, prompts, seed=r, **opts) for r in range(reps)])
         out.update(score_demo(images, prompts * reps, heldout * reps))
         out["mean_acc"] = float(np.mean([out["color_acc"], out["shape_acc"], out["position_acc"]]))
-        out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - _data_mean(config))
+        mean = _data_mean(config) if data_mean is None else data_mean
+        out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - mean)
     elif dataset == "fashion_mnist":
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
         from ldm_jax.eval.frechet import FeatureStats, stats_distance

@@ -28,6 +28,11 @@ _SCHEDULES = dict(schedule=("linear", "cosine", "sigmoid", "edm", "cosine", "cos
 _LINEAR = dict(schedule="linear", shift=1.0, zero_snr=False, logsnr_min=None)
 _COSINE = dict(schedule="cosine", shift=1.0, zero_snr=False, logsnr_min=-10.0)
 _ZERO_SNR = dict(_COSINE, zero_snr=True)
+# Stable Diffusion's schedule (terminal logSNR -5.4) with and without the zero-terminal-SNR rescale: the pair
+# Lin et al. 2023 compare; the grid's schedules all end at logSNR <= -8.8, too close to pure noise to show a bias
+_SD = dict(schedule="scaled_linear", shift=1.0, zero_snr=False, logsnr_min=None)
+_SD_ZERO_SNR = dict(_SD, zero_snr=True)
+_ZERO_SNR_PAIR = ((_SD, "v", "uniform"), (_SD_ZERO_SNR, "v", "uniform"))
 # the settings each headline comparison needs, trained with a second seed
 _HEADLINE = ((_LINEAR, "eps", "uniform"), (_COSINE, "eps", "uniform"), (_LINEAR, "eps", "min_snr"),
              (_COSINE, "v", "uniform"), (_ZERO_SNR, "v", "uniform"), (_COSINE, "v", "min_snr"))
@@ -59,9 +64,12 @@ def get_config(arg=None):
         zip=dict(diffusion=_SCHEDULES),
         product=dict(diffusion=dict(prediction=("eps", "v"), weighting=("uniform", "min_snr"))),
         seeds=(0,),
-        extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=1))
-                    for sched, pred, w in _HEADLINE),
-        first=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w)) for sched, pred, w in _HEADLINE),
+        extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=seed))
+                    for sched, pred, w in _HEADLINE for seed in (1,))
+        + tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=seed))
+                for sched, pred, w in _ZERO_SNR_PAIR for seed in (0, 1)),
+        first=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w))
+                    for sched, pred, w in _HEADLINE + _ZERO_SNR_PAIR),
         eval=dict(samplers=("ddim", "dpmpp_2m"), nfes=(10, 20), extra=(), num_samples=36, guidance_scale=3.0,
                   primary="mean_acc" if c.data.name == "shapes" else "fd_fmnist"),
     )

@@ -6,6 +6,10 @@ Subpackages are imported lazily so that ``import ldm_jax`` stays cheap:
 
 import importlib
 
+from ldm_jax import _xla_cpu
+
+_xla_cpu.apply()  # XLA:CPU defaults (YNNPACK fusions off); must run before JAX starts its CPU backend
+
 __version__ = "0.1.0"
 _SUBPACKAGES = ("diffusion", "models", "convert", "data", "training", "eval", "pipelines")
 

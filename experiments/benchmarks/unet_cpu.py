@@ -39,6 +39,9 @@ import time
 
 import numpy as np
 from bench_log import PARTIAL
+
+# XLA's own CPU defaults for the `jit` variant; `no_ynn` is what `import ldm_jax` sets otherwise (ldm_jax/_xla_cpu.py)
+os.environ.setdefault("LDM_JAX_XLA_CPU_DEFAULTS", "0")
 from bench_log import emit as _emit
 from bench_log import phase as _phase
 
@@ -53,6 +56,8 @@ VARIANTS = {  # name -> (XLA compile options, batch split, cfg batched)
     "no_ynn": ({"xla_cpu_experimental_ynn_fusion_type": ""}, 1, True),
     "split2": ({}, 2, False),
     "split2_no_ynn": ({"xla_cpu_experimental_ynn_fusion_type": ""}, 2, False),
+    # single-threaded Eigen kernels: with the batch over 2 host devices, one core per device
+    "no_ynn_st": ({"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False}, 1, True),
 }
 _PARTIAL = PARTIAL  # where each finished configuration is appended at once
 
@@ -396,6 +401,7 @@ def time_case(case, jax_sets: dict, torch_sets: dict, flops: float, peak: float,
         fns[variant] = cases[case][0]
         recs[variant] = {"framework": "jax", **cases[case][1]}
     for mode, cases in torch_sets.items():
+        _phase(f"first call of {mode} on {name} batch {batch}" + (" (compiles)" if mode == "torch_compile" else ""))
         first, err = _first_call(cases[case])
         recs[mode] = {"framework": mode, "first_call_s": first}
         if err:

@@ -1,0 +1,174 @@
+"""Where XLA:CPU spends the benchmark U-Net's training step: per-op time from a JAX profiler trace, grouped by op
+kind, next to PyTorch's autograd profiler on the same U-Net (diffusers, same weights), and the step time under
+XLA compile-option variants.
+
+    python experiments/benchmarks/xla_cpu_profile.py                     # -> experiments/benchmarks/xla_cpu_profile.json
+    python experiments/benchmarks/xla_cpu_profile.py --batch=64 --variants=default,no_ynn
+
+The JAX trace is recorded with xla_cpu_enable_xprof_traceme so every thunk (fusion, convolution, dot, custom
+call) is an event; events are grouped by the leading word of their name (convolution, dot, fusion, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from unet_cpu import BENCH_UNET, CONTEXT_LEN, LATENT, jax_fns, jax_model, torch_fns, torch_model  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "ynn_conv": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
+    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "ynn_conv_dot": {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "onednn": {"xla_cpu_use_onednn": True},
+    "concurrency_sched": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
+    "fast_math": {"xla_cpu_enable_fast_math": True},
+}
+
+
+def _timeit(fn, iters: int) -> dict:
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": iters}
+
+
+def _kind(name: str) -> str:
+    name = name.split(":")[0].strip()
+    name = re.sub(r"[._]\d+$", "", name)
+    return re.sub(r"[._\-]?\d+$", "", name) or name
+
+
+def jax_step(batch: int, options: dict):
+    import jax
+    import optax
+
+    from ldm_jax import diffusion
+
+    schedule = diffusion.get_schedule("scaled_linear")
+    cfg, unet, params = jax_model()
+    tx, train, _, _ = jax_fns(unet, schedule, 1, True, 1)
+    key = jax.random.key(1)
+    x0 = jax.random.normal(key, (batch, LATENT, LATENT, 4))
+    ctx = jax.random.normal(key, (batch, CONTEXT_LEN, cfg.cross_attention_dim))
+    opt = jax.jit(tx.init)(params)
+    t0 = time.perf_counter()
+    fn = jax.jit(train, donate_argnums=(0, 1)).lower(params, opt, x0, ctx, key).compile(
+        compiler_options=options or None)
+    compile_s = time.perf_counter() - t0
+    state = {"p": jax.tree.map(lambda a: a.copy(), params), "o": opt}  # the step donates its inputs
+
+    def step():
+        state["p"], state["o"], loss = fn(state["p"], state["o"], x0, ctx, key)
+        loss.block_until_ready()
+
+    del optax
+    return step, compile_s, (cfg, params)
+
+
+def jax_profile(step, iters: int) -> dict:
+    """Total time per op kind (ms per step) from a perfetto trace of `iters` steps."""
+    import jax
+
+    d = tempfile.mkdtemp(prefix="xla_prof_")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(iters):
+            step()
+    files = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {"error": f"no perfetto trace under {d}"}
+    with gzip.open(files[0]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    threads = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        name = e.get("name", "")
+        if name.startswith(("$", "PjRt", "Thunk", "ThunkExecutor", "TfrtCpu", "jit_", "Execute")):
+            threads["__runtime__:" + name.split(":")[0][:40]] += e["dur"]
+            continue
+        by_kind[_kind(name)] += e["dur"]
+        by_name[name[:80]] += e["dur"]
+        threads[e.get("tid")] += e["dur"]
+    ms = lambda us: us / 1000.0 / iters
+    return {"by_kind_ms": {k: round(ms(v), 2) for k, v in by_kind.most_common()},
+            "top_ops_ms": {k: round(ms(v), 2) for k, v in by_name.most_common(40)},
+            "busy_ms_per_thread": {str(k): round(ms(v), 1) for k, v in threads.most_common(12)}}
+
+
+def torch_profile(cfg, params, batch: int, iters: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = torch_model(cfg, params)
+    step = torch_fns(model, torch)["train"](batch)
+    timing = _timeit(step, iters)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)
+    top = {r.key: round(r.self_cpu_time_total / 1000.0 / iters, 2) for r in rows[:40]}
+    return {"step": timing, "top_self_ms": top}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--variants", default="default,no_ynn,onednn,concurrency_sched")
+    p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--no_profile", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "xla_cpu_profile.json"))
+    args = p.parse_args(argv)
+    threads = len(os.sched_getaffinity(0))
+    res = {"batch": args.batch, "unet": BENCH_UNET, "variants": {}, "date": time.strftime("%Y-%m-%d"),
+           "argv": sys.argv}
+    model = None
+    for name in args.variants.split(","):
+        print(f"[{time.strftime('%H:%M:%S')}] variant {name}", flush=True)
+        try:
+            step, compile_s, model = jax_step(args.batch, VARIANTS[name])
+        except Exception as e:  # an option this jaxlib rejects is a result
+            res["variants"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(res["variants"][name], flush=True)
+            continue
+        rec = {"options": VARIANTS[name], "compile_s": compile_s, **_timeit(step, args.iters)}
+        if not args.no_profile:
+            rec["profile"] = jax_profile(step, 3)
+        res["variants"][name] = rec
+        print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
+        _write(args.out, res)
+    if not args.no_torch and model is not None:
+        print(f"[{time.strftime('%H:%M:%S')}] torch eager", flush=True)
+        res["torch_eager"] = torch_profile(*model, args.batch, args.iters, threads)
+        print(json.dumps(res["torch_eager"]["step"]), flush=True)
+    _write(args.out, res)
+    print(f"wrote {args.out}")
+
+
+def _write(path: str, res: dict):
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 kind, next to PyTorch's autograd profiler on the same U-Net (diffusers, same weights), and the step time under
 XLA compile-option variants.
 
-    python experiments/benchmarks/xla_cpu_profile.py                     # -> experiments/benchmarks/xla_cpu_profile.json
+    python experiments/benchmarks/xla_cpu_profile.py        # -> experiments/benchmarks/xla_cpu_profile.json
     python experiments/benchmarks/xla_cpu_profile.py --batch=64 --variants=default,no_ynn
 
 The JAX trace is recorded with xla_cpu_enable_xprof_traceme so every thunk (fusion, convolution, dot, custom

@@ -35,9 +35,9 @@ def dot_product_attention(
     """softmax(q k^T / sqrt(d) + mask) v over (B, L, H, D) inputs; returns (B, Lq, H, D).
 
     `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
-    `implementation`: None (let JAX choose; on CPU the explicit form, which XLA:CPU runs faster), "cudnn" (the flash kernel wherever cuDNN accepts the shapes,
-    XLA for the rest, e.g. cross-attention to 77 tokens), "xla", or "explicit" (plain einsum with float32
-    softmax; always available).
+    `implementation`: None (let JAX choose; on CPU the explicit form, which XLA:CPU runs faster), "cudnn" (the
+    flash kernel wherever cuDNN accepts the shapes, XLA for the rest, e.g. cross-attention to 77 tokens), "xla",
+    or "explicit" (heads-major einsums with a float32 softmax; always available).
     """
     if implementation == "cudnn" and (q.shape[1] % 64 or k.shape[1] % 64):
         # decided from the shapes, not only by catching cuDNN's refusal: under remat its backward-pass check

@@ -11,12 +11,18 @@ shifted by 2 and cosine rescaled to zero terminal SNR. The continuous cosine and
 at t = 1; they are truncated at logSNR -10 (`diffusion.logsnr_min`) so that only the zero-SNR run has a pure
 noise endpoint and the others differ in shape, not in where they end. Crossed with prediction eps / v and
 weighting uniform / min-SNR(5), seed 0: 24 runs; plus a second seed (1) of the six headline settings
-(`sweep.extra`), which train first (`sweep.first`): 30 runs. Each run is evaluated with ddim and dpmpp_2m at
-10 and 20 NFE (36 images) and, during training, for prompt adherence every 200 steps (ddim 20, 64 images).
-The `samplers` variant trains two settings and evaluates every sampler (ddim, euler, heun, dpmpp_2m) at 10 /
-20 / 50 NFE and ddim at 100 (72 images). With zero terminal SNR and eps-prediction the first step cannot
-recover x0 (alpha = 0); the diffusion core clamps the final time, so such a run measures the failure Lin et
-al. 2023 predict rather than crashing.
+(`sweep.extra`), which train first (`sweep.first`), and Stable Diffusion's scaled_linear schedule (terminal
+logSNR -5.4) with and without the zero-SNR rescale (v, uniform, seeds 0 and 1: the baseline pair for Lin et
+al.'s brightness bias, trained right after the headline settings): 34 runs. Each run is evaluated with ddim
+and dpmpp_2m at 10 and 20 NFE (36 images) and, during training, for prompt adherence every 200 steps (ddim
+20, 64 images).
+
+The `fashion_mnist` variant trains the six headline settings and the scaled_linear pair once (1200 steps,
+FD-FMNIST on 500 images at each evaluation point; dark backgrounds, mean pixel ~0.29, the other side of the
+brightness bias from shapes' white ones). The `samplers` variant trains two settings and evaluates every
+sampler (ddim, euler, heun, dpmpp_2m) at 10 / 20 / 50 NFE and ddim at 100 (72 images). With zero terminal SNR
+and eps-prediction the first step cannot recover x0 (alpha = 0); the diffusion core clamps the final time, so
+such a run measures the failure Lin et al. 2023 predict rather than crashing.
 """
 
 from ldm_jax.configlib import load_config
@@ -73,6 +79,13 @@ def get_config(arg=None):
         eval=dict(samplers=("ddim", "dpmpp_2m"), nfes=(10, 20), extra=(), num_samples=36, guidance_scale=3.0,
                   primary="mean_acc" if c.data.name == "shapes" else "fd_fmnist"),
     )
+    if arg == "fashion_mnist":  # the second dataset: the headline settings and the scaled_linear pair, one seed
+        settings = _HEADLINE + _ZERO_SNR_PAIR
+        c.sweep.zip = dict(diffusion={k: tuple(sched[k] for sched, _, _ in settings) for k in _COSINE}
+                           | dict(prediction=tuple(p for _, p, _ in settings),
+                                  weighting=tuple(w for _, _, w in settings)))
+        c.sweep.product, c.sweep.extra, c.sweep.first = {}, (), ()
+        c.sweep.eval.num_samples = 500  # FD-FMNIST needs hundreds of images, not the shapes checker's 36
     if arg == "samplers":  # the sampler comparison: two settings, every sampler at 10 / 20 / 50 NFE, ddim at 100
         c.sweep.zip = dict(diffusion=dict(zip(_COSINE, zip(_COSINE.values(), _LINEAR.values())),
                                           prediction=("v", "eps"), weighting=("min_snr", "min_snr")))

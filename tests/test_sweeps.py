@@ -142,3 +142,26 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     bad = subprocess.run([*cmd[:4], "--config=configs/shapes_ldm.py:tiny", f"--workdir={tmp_path / 'x'}"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no `sweep` section" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_fashion_mnist_evaluation_scores_real_images_close_and_blank_images_far():
+    """The sweep's fashion_mnist metrics on a stand-in generator: real test images give a small FD-FMNIST and
+    no brightness gap, black images a large FD and a gap equal to the data's mean pixel."""
+    from ldm_jax.eval.fmnist_net import load_fashion_mnist
+    from ldm_jax.sweeps.stages import evaluate_run
+
+    real, _ = load_fashion_mnist("test")
+    rng = np.random.default_rng(0)
+    picks = real[rng.permutation(len(real))[:300], ..., None]
+    mean = float(np.mean(real / 255.0))
+    config = base_config()
+    config.data.name = "fashion_mnist"
+
+    def run(images):
+        gen = lambda params, prompts, seed=0, **kw: images[seed:seed + len(prompts)]  # noqa: E731
+        return evaluate_run(config, "unused", sampler="ddim", nfe=2, guidance_scale=1.0, num_samples=len(images),
+                            loaded=(gen, None), data_mean=mean)
+
+    good, blank = run(picks), run(np.zeros_like(picks))
+    assert good["brightness_gap"] < 0.02 and abs(blank["brightness_gap"] - mean) < 1e-6
+    assert good["fd_fmnist"] < 0.2 * blank["fd_fmnist"], (good, blank)

@@ -10,7 +10,8 @@ but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step pe
   ``mean_acc``, and
   ``brightness_gap`` = |mean generated pixel - mean pixel of the test split| (in [0, 1] units), the
   mean-brightness bias that zero-terminal-SNR addresses (Lin et al. 2023);
-- fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images).
+- fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images) and the same
+  ``brightness_gap`` (the test images' mean pixel is ~0.29: dark backgrounds).
 """
 
 from __future__ import annotations
@@ -79,13 +80,27 @@ def _data_mean(config, count: int = 512) -> float:
     return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
 
 
+def _fmnist_real_stats():
+    """Feature statistics of the 10k Fashion-MNIST test images (the FD-FMNIST reference)."""
+    from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
+    from ldm_jax.eval.frechet import FeatureStats
+
+    features = fmnist_feature_fn()
+    real, _ = load_fashion_mnist("test")
+    real = real[..., None]
+    return FeatureStats.from_features(np.concatenate(
+        [np.asarray(features(real[i:i + 1000]), np.float64) for i in range(0, len(real), 1000)]))
+
+
 def make_eval_fn(sweep_eval) -> callable:
     """``eval_fn(config, run_dir, *, sampler, num_steps)`` with the sweep's ``eval`` settings (guidance_scale,
     num_samples); `num_steps` is the NFE (see the module doc). The function keeps the run being evaluated
-    loaded, so its compiled samplers and the data's mean pixel are reused across that run's evaluations."""
+    loaded, so its compiled samplers are reused across that run's evaluations, and computes the data's mean
+    pixel and the FD-FMNIST reference statistics once per sweep."""
     settings = dict(sweep_eval or {})
     current: dict = {}  # {run_dir: (generator, params)} of the run being evaluated
-    means: dict = {}    # data_dir -> the test split's mean pixel (shapes)
+    means: dict = {}    # data_dir -> the test split's mean pixel
+    reference: dict = {}  # "fmnist" -> FD-FMNIST statistics of the test split
 
     def eval_fn(config, run_dir: str, *, sampler: str, num_steps: int) -> dict:
         from ldm_jax.training.ldm import load_generator
@@ -94,22 +109,24 @@ def make_eval_fn(sweep_eval) -> callable:
             current.clear()  # one run at a time: the previous run's programs are dropped
             current[run_dir] = load_generator(run_dir, config)
         data_dir = str(config.data.data_dir)
-        if data_dir not in means and str(config.data.name) == "shapes":
+        if data_dir not in means:
             means[data_dir] = _data_mean(config)
+        if str(config.data.name) == "fashion_mnist" and "fmnist" not in reference:
+            reference["fmnist"] = _fmnist_real_stats()
         return evaluate_run(config, run_dir, sampler=sampler, nfe=int(num_steps),
                             guidance_scale=float(settings.get("guidance_scale", 3.0)),
                             num_samples=int(settings.get("num_samples", 72)), loaded=current[run_dir],
-                            data_mean=means.get(data_dir))
+                            data_mean=means.get(data_dir), real_stats=reference.get("fmnist"))
 
     return eval_fn
 
 
 def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale: float, num_samples: int,
-                 loaded=None, data_mean: float | None = None) -> dict:
+                 loaded=None, data_mean: float | None = None, real_stats=None) -> dict:
     """Metrics of one trained run at `nfe` network evaluations with `sampler` (see the module doc).
 
     `loaded` is the run's (generator, params) when the caller keeps them, `data_mean` the test split's mean
-    pixel (shapes); both are computed here when not given."""
+    pixel, `real_stats` the FD-FMNIST reference (fashion_mnist); each is computed here when not given."""
     from ldm_jax.training.ldm import load_generator
 
     generator, params = loaded or load_generator(run_dir, config)
@@ -125,20 +142,18 @@ def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale
         images = np.concatenate([generator(params, prompts, seed=r, **opts) for r in range(reps)])
         out.update(score_demo(images, prompts * reps, heldout * reps))
         out["mean_acc"] = float(np.mean([out["color_acc"], out["shape_acc"], out["position_acc"]]))
-        mean = _data_mean(config) if data_mean is None else data_mean
-        out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - mean)
     elif dataset == "fashion_mnist":
-        from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
+        from ldm_jax.eval.fmnist_net import fmnist_feature_fn
         from ldm_jax.eval.frechet import FeatureStats, stats_distance
         from ldm_jax.eval.stage_metrics import _fmnist_prompts
 
         features = fmnist_feature_fn()
         prompts = _fmnist_prompts(n)
-        fake = np.concatenate([generator(params, prompts[i:i + 100], seed=i, **opts) for i in range(0, n, 100)])
-        real, _ = load_fashion_mnist("test")
-        stats = lambda x: FeatureStats.from_features(np.concatenate(
-            [np.asarray(features(x[i:i + 1000]), np.float64) for i in range(0, len(x), 1000)]))
-        out["fd_fmnist"] = stats_distance(stats(real[..., None]), stats(fake))
+        images = np.concatenate([generator(params, prompts[i:i + 100], seed=i, **opts) for i in range(0, n, 100)])
+        fake = FeatureStats.from_features(np.asarray(features(images), np.float64))
+        out["fd_fmnist"] = stats_distance(_fmnist_real_stats() if real_stats is None else real_stats, fake)
     else:
         raise ConfigError(f"no sweep metric for dataset '{dataset}': use shapes or fashion_mnist")
+    mean = _data_mean(config) if data_mean is None else data_mean
+    out["brightness_gap"] = abs(float(np.mean(images / 255.0)) - mean)
     return out

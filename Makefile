@@ -36,8 +36,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ldm_jax configs tests experiments
 
-bench: $(STAMP)
+bench: $(STAMP)  # CPU benchmarks (~1 h on 2 cores, machine otherwise idle); GPU: experiments/benchmarks/README.md
 	$(PY) experiments/benchmarks/data_throughput.py
+	$(PY) experiments/benchmarks/unet_cpu.py
 
 clean-demo:
 	rm -rf runs/demo

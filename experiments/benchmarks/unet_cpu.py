@@ -544,6 +544,43 @@ def part_vae(args) -> dict:
     return {"runs": runs}
 
 
+def render_table(res: dict) -> str:
+    """Markdown tables of a finished run (the README's CPU section): one row per case x contestant."""
+    lines = []
+    for part in ("unet", "sharded"):
+        runs = res.get(part, {}).get("runs", [])
+        if not runs:
+            continue
+        lines += [f"**{part}**" + (" (JAX with the batch over 2 host devices)" if part == "sharded" else ""), "",
+                  "| case | batch | contestant | median (s) | min-max (s) | images/s | GFLOP/s | of peak | "
+                  "vs torch eager | vs torch.compile | compile / first call (s) |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in runs:
+            if "median_s" not in r:
+                lines.append(f"| {r['case']} | {r['batch']} | {r['contestant']} | failed: {r.get('error', '?')[:80]} "
+                             "| | | | | | | |")
+                continue
+            eager, compiled = (f"{r[k]:.2f}x" if k in r else "" for k in ("ratio_torch_eager", "ratio_torch_compile"))
+            first = r.get("compile_s", r.get("first_call_s"))
+            first = "" if first is None else f"{first:.1f}"
+            gflops = r["flops"] / r["median_s"] / 1e9
+            lines.append(
+                f"| {r['case']} | {r['batch']} | {r['contestant']} | {r['median_s']:.3f} | "
+                f"{r['min_s']:.3f}-{r['max_s']:.3f} | {r['images_per_s']:.1f} | {gflops:.1f} | "
+                f"{100 * r['fraction_of_peak']:.1f}% | {eager} | {compiled} | {first} |")
+        lines.append("")
+    vae = res.get("vae", {}).get("runs", [])
+    if vae:
+        lines += ["**autoencoder**", "", "| model | size | batch | op | contestant | median (s) | images/s | of peak | "
+                  "vs torch eager | max abs diff |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in vae:
+            ratio = f"{r['ratio_torch_eager']:.2f}x" if "ratio_torch_eager" in r else ""
+            lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['op']} | {r['contestant']} | "
+                         f"{r['median_s']:.3f} | {r['images_per_s']:.1f} | {100 * r['fraction_of_peak']:.1f}% | "
+                         f"{ratio} | {r['max_abs_diff_vs_torch']:.1e} |")
+    return "\n".join(lines)
+
+
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unet_cpu.json"))
@@ -559,6 +596,7 @@ def _parse_args(argv=None):
     p.add_argument("--warmup_sample", type=int, default=1)
     p.add_argument("--iters_vae", type=int, default=5)
     p.add_argument("--sd_vae_size", type=int, default=256)
+    p.add_argument("--table", default=None, metavar="JSON", help="print the markdown tables of a finished run")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_partial", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -578,6 +616,10 @@ def _parse_args(argv=None):
 
 def main(argv=None):
     args = _parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(render_table(json.load(f)))
+        return
     partial = args._partial or re.sub(r"\.json$", "", args.out) + ".partial.jsonl"
     _PARTIAL.append(partial)
     t0 = time.time()

@@ -44,11 +44,11 @@ def training_metrics(run_dir: str) -> dict:
     return out
 
 
-def fmt(values) -> str:
+def fmt(values, digits: int = 2) -> str:
     v = [x for x in values if x is not None and np.isfinite(x)]
     if not v:
         return "-"
-    return f"{np.mean(v):.2f}" + (f" ({'/'.join(f'{x:.2f}' for x in v)})" if len(v) > 1 else "")
+    return f"{np.mean(v):.{digits}f}" + (f" ({'/'.join(f'{x:.{digits}f}' for x in v)})" if len(v) > 1 else "")
 
 
 def main():
@@ -82,7 +82,7 @@ def main():
         accs = [fmt([ev(r, s, n, "mean_acc") for r in rs]) for s, n in points]
         gaps = [np.nanmean([ev(r, s, n, "brightness_gap") or np.nan for s, n in points]) for r in rs]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(rs)} | " + " | ".join(accs)
-                     + f" | {fmt(gaps)} | {fmt([r['final_loss'] for r in rs])} |")
+                     + f" | {fmt(gaps, 3)} | {fmt([r['final_loss'] for r in rs], 3)} |")
     sampler, nfe = max(points, key=lambda p: (p[0] == "dpmpp_2m", p[1]))
     lines += ["", f"## Attribute accuracies ({sampler} {nfe} NFE)", "",
               "| schedule | prediction | weighting | colour | shape | position |", "|---|---|---|---|---|---|"]

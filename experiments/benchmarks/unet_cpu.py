@@ -515,7 +515,7 @@ def _vae_runs(name: str, cfg, size: int, batches, torch, args, peak: float) -> l
         for op, arg in (("encode", x), ("decode", z)):
             fn, tfn = ops[op]
             targ = torch.from_numpy(np.asarray(arg).transpose(0, 3, 1, 2).copy())
-            compiled, secs, flops = _compile(fn, (params, arg), {})
+            compiled, secs, flops = _compile(fn, (params, arg), VARIANTS["no_ynn"][0])  # ldm_jax's defaults
             call_t = torch.no_grad()(lambda tfn=tfn, targ=targ: tfn(targ))
             diff = float(np.max(np.abs(np.asarray(compiled(params, arg)) - call_t().numpy().transpose(0, 2, 3, 1))))
             r = race({"jax": lambda c=compiled, a=arg: c(params, a).block_until_ready(), "torch_eager": call_t},

@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+OPTION = "xla_cpu_experimental_ynn_fusion_type"
+COMPILE_OPTIONS = {OPTION: ""}  # the same choice as per-program XLA compile options
+FLAG = f"--{OPTION}="
 _KNOWN = ((0, 8), (0, 12))  # [first, last) jaxlib (major, minor) with the flag
 
 
@@ -32,15 +34,18 @@ def _jaxlib_version() -> tuple[int, int] | None:
         return None
 
 
+def known_jaxlib() -> bool:
+    """Whether the installed jaxlib is one where the flag exists."""
+    version = _jaxlib_version()
+    return version is not None and _KNOWN[0] <= version < _KNOWN[1]
+
+
 def apply(environ=os.environ) -> bool:
     """Adds the CPU defaults to ``environ['XLA_FLAGS']``; returns whether it changed anything."""
     if environ.get("LDM_JAX_XLA_CPU_DEFAULTS", "1") == "0":
         return False
     flags = environ.get("XLA_FLAGS", "")
-    if FLAG.split("=")[0] in flags:
-        return False
-    version = _jaxlib_version()
-    if version is None or not _KNOWN[0] <= version < _KNOWN[1]:
+    if OPTION in flags or not known_jaxlib():
         return False
     environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True

@@ -82,14 +82,11 @@ def _data_mean(config, count: int = 512) -> float:
 
 def _fmnist_real_stats():
     """Feature statistics of the 10k Fashion-MNIST test images (the FD-FMNIST reference)."""
+    from ldm_jax.eval.callback import reference_stats
     from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
-    from ldm_jax.eval.frechet import FeatureStats
 
-    features = fmnist_feature_fn()
     real, _ = load_fashion_mnist("test")
-    real = real[..., None]
-    return FeatureStats.from_features(np.concatenate(
-        [np.asarray(features(real[i:i + 1000]), np.float64) for i in range(0, len(real), 1000)]))
+    return reference_stats(fmnist_feature_fn(), real[..., None])[0]
 
 
 def make_eval_fn(sweep_eval) -> callable:
@@ -99,8 +96,7 @@ def make_eval_fn(sweep_eval) -> callable:
     pixel and the FD-FMNIST reference statistics once per sweep."""
     settings = dict(sweep_eval or {})
     current: dict = {}  # {run_dir: (generator, params)} of the run being evaluated
-    means: dict = {}    # data_dir -> the test split's mean pixel
-    reference: dict = {}  # "fmnist" -> FD-FMNIST statistics of the test split
+    cache: dict = {}    # data_dir -> the test split's mean pixel; "fmnist" -> the FD-FMNIST reference
 
     def eval_fn(config, run_dir: str, *, sampler: str, num_steps: int) -> dict:
         from ldm_jax.training.ldm import load_generator
@@ -109,14 +105,14 @@ def make_eval_fn(sweep_eval) -> callable:
             current.clear()  # one run at a time: the previous run's programs are dropped
             current[run_dir] = load_generator(run_dir, config)
         data_dir = str(config.data.data_dir)
-        if data_dir not in means:
-            means[data_dir] = _data_mean(config)
-        if str(config.data.name) == "fashion_mnist" and "fmnist" not in reference:
-            reference["fmnist"] = _fmnist_real_stats()
+        if data_dir not in cache:
+            cache[data_dir] = _data_mean(config)
+        if str(config.data.name) == "fashion_mnist" and "fmnist" not in cache:
+            cache["fmnist"] = _fmnist_real_stats()
         return evaluate_run(config, run_dir, sampler=sampler, nfe=int(num_steps),
                             guidance_scale=float(settings.get("guidance_scale", 3.0)),
                             num_samples=int(settings.get("num_samples", 72)), loaded=current[run_dir],
-                            data_mean=means.get(data_dir), real_stats=reference.get("fmnist"))
+                            data_mean=cache[data_dir], real_stats=cache.get("fmnist"))
 
     return eval_fn
 
@@ -143,14 +139,14 @@ def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale
         out.update(score_demo(images, prompts * reps, heldout * reps))
         out["mean_acc"] = float(np.mean([out["color_acc"], out["shape_acc"], out["position_acc"]]))
     elif dataset == "fashion_mnist":
+        from ldm_jax.eval.callback import reference_stats
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn
-        from ldm_jax.eval.frechet import FeatureStats, stats_distance
+        from ldm_jax.eval.frechet import stats_distance
         from ldm_jax.eval.stage_metrics import _fmnist_prompts
 
-        features = fmnist_feature_fn()
         prompts = _fmnist_prompts(n)
         images = np.concatenate([generator(params, prompts[i:i + 100], seed=i, **opts) for i in range(0, n, 100)])
-        fake = FeatureStats.from_features(np.asarray(features(images), np.float64))
+        fake, _ = reference_stats(fmnist_feature_fn(), images)
         out["fd_fmnist"] = stats_distance(_fmnist_real_stats() if real_stats is None else real_stats, fake)
     else:
         raise ConfigError(f"no sweep metric for dataset '{dataset}': use shapes or fashion_mnist")

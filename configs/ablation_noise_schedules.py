@@ -44,6 +44,12 @@ _HEADLINE = ((_LINEAR, "eps", "uniform"), (_COSINE, "eps", "uniform"), (_LINEAR,
              (_COSINE, "v", "uniform"), (_ZERO_SNR, "v", "uniform"), (_COSINE, "v", "min_snr"))
 
 
+def _zip(settings) -> dict:
+    """sweep.zip of (schedule dict, prediction, weighting) settings: one run per setting."""
+    return dict(diffusion={k: tuple(sched[k] for sched, _, _ in settings) for k in _COSINE}
+                | dict(prediction=tuple(p for _, p, _ in settings), weighting=tuple(w for _, _, w in settings)))
+
+
 def get_config(arg=None):
     arg = arg or "shapes"
     if arg not in ("shapes", "samplers", "fashion_mnist", "tiny"):
@@ -70,8 +76,8 @@ def get_config(arg=None):
         zip=dict(diffusion=_SCHEDULES),
         product=dict(diffusion=dict(prediction=("eps", "v"), weighting=("uniform", "min_snr"))),
         seeds=(0,),
-        extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=seed))
-                    for sched, pred, w in _HEADLINE for seed in (1,))
+        extra=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=1))
+                    for sched, pred, w in _HEADLINE)
         + tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w), train=dict(seed=seed))
                 for sched, pred, w in _ZERO_SNR_PAIR for seed in (0, 1)),
         first=tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w))
@@ -80,15 +86,11 @@ def get_config(arg=None):
                   primary="mean_acc" if c.data.name == "shapes" else "fd_fmnist"),
     )
     if arg == "fashion_mnist":  # the second dataset: the headline settings and the scaled_linear pair, one seed
-        settings = _HEADLINE + _ZERO_SNR_PAIR
-        c.sweep.zip = dict(diffusion={k: tuple(sched[k] for sched, _, _ in settings) for k in _COSINE}
-                           | dict(prediction=tuple(p for _, p, _ in settings),
-                                  weighting=tuple(w for _, _, w in settings)))
+        c.sweep.zip = _zip(_HEADLINE + _ZERO_SNR_PAIR)
         c.sweep.product, c.sweep.extra, c.sweep.first = {}, (), ()
         c.sweep.eval.num_samples = 500  # FD-FMNIST needs hundreds of images, not the shapes checker's 36
     if arg == "samplers":  # the sampler comparison: two settings, every sampler at 10 / 20 / 50 NFE, ddim at 100
-        c.sweep.zip = dict(diffusion=dict(zip(_COSINE, zip(_COSINE.values(), _LINEAR.values())),
-                                          prediction=("v", "eps"), weighting=("min_snr", "min_snr")))
+        c.sweep.zip = _zip(((_COSINE, "v", "min_snr"), (_LINEAR, "eps", "min_snr")))
         c.sweep.product, c.sweep.extra = {}, ()
         c.sweep.title = "Samplers x NFE on shapes"
         c.sweep.eval = dict(samplers=("ddim", "euler", "heun", "dpmpp_2m"), nfes=(10, 20, 50), extra=(("ddim", 100),),

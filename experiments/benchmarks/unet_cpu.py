@@ -39,11 +39,13 @@ import time
 
 import numpy as np
 from bench_log import PARTIAL
-
-# XLA's own CPU defaults for the `jit` variant; `no_ynn` is what `import ldm_jax` sets otherwise (ldm_jax/_xla_cpu.py)
-os.environ.setdefault("LDM_JAX_XLA_CPU_DEFAULTS", "0")
 from bench_log import emit as _emit
 from bench_log import phase as _phase
+
+# XLA's own CPU defaults for the `jit` variant (set before ldm_jax is imported); `no_ynn` is what `import ldm_jax`
+# sets otherwise (ldm_jax/_xla_cpu.py)
+os.environ.setdefault("LDM_JAX_XLA_CPU_DEFAULTS", "0")
+from ldm_jax._xla_cpu import COMPILE_OPTIONS as LDM_JAX_OPTIONS  # noqa: E402
 
 # The benchmark U-Net: SD 1.x layout (attention at the two upper levels, 1x1-conv projections, a plain lowest
 # level), scaled down to ~5.3M parameters; 16x16x4 latents, cross-attention to 77 tokens of width 768.
@@ -51,15 +53,20 @@ BENCH_UNET = dict(block_out_channels=(32, 64, 128), layers_per_block=2, attentio
                   head_dim=32, cross_attention_dim=768, sample_size=16, zero_init=False)
 LATENT, CONTEXT_LEN, GUIDANCE = 16, 77, 7.5
 PARITY_TOL = 1e-3
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
 VARIANTS = {  # name -> (XLA compile options, batch split, cfg batched)
     "jit": ({}, 1, True),
-    "no_ynn": ({"xla_cpu_experimental_ynn_fusion_type": ""}, 1, True),
+    "no_ynn": (LDM_JAX_OPTIONS, 1, True),
     "split2": ({}, 2, False),
-    "split2_no_ynn": ({"xla_cpu_experimental_ynn_fusion_type": ""}, 2, False),
+    "split2_no_ynn": (LDM_JAX_OPTIONS, 2, False),
     # single-threaded Eigen kernels: with the batch over 2 host devices, one core per device
-    "no_ynn_st": ({"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False}, 1, True),
+    "no_ynn_st": ({**LDM_JAX_OPTIONS, "xla_cpu_multi_thread_eigen": False}, 1, True),
+    # probes of single XLA:CPU options (xla_cpu_profile.py)
+    "ynn_conv": ({_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}, 1, True),
+    "ynn_dot": ({_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, 1, True),
+    "onednn": ({"xla_cpu_use_onednn": True}, 1, True),
+    "concurrency_sched": ({"xla_cpu_enable_concurrency_optimized_scheduler": True}, 1, True),
 }
-_PARTIAL = PARTIAL  # where each finished configuration is appended at once
 
 
 def _stats(times: list[float]) -> dict:
@@ -464,7 +471,7 @@ def part_sharded(args) -> dict:
     """The JAX side with the batch over 2 host devices; runs in a child process with its own XLA_FLAGS."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     cmd = [sys.executable, os.path.abspath(__file__), "--_child=sharded", f"--out={args.out}.sharded.json",
-           f"--_partial={_PARTIAL[0]}", *[a for a in args.argv if not a.startswith(("--out", "--parts"))]]
+           f"--_partial={PARTIAL[0]}", *[a for a in args.argv if not a.startswith(("--out", "--parts"))]]
     _phase("sharded part: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, env={**os.environ, "XLA_FLAGS": flags.strip()})
     with open(f"{args.out}.sharded.json") as f:
@@ -515,7 +522,7 @@ def _vae_runs(name: str, cfg, size: int, batches, torch, args, peak: float) -> l
         for op, arg in (("encode", x), ("decode", z)):
             fn, tfn = ops[op]
             targ = torch.from_numpy(np.asarray(arg).transpose(0, 3, 1, 2).copy())
-            compiled, secs, flops = _compile(fn, (params, arg), VARIANTS["no_ynn"][0])  # ldm_jax's defaults
+            compiled, secs, flops = _compile(fn, (params, arg), LDM_JAX_OPTIONS)
             call_t = torch.no_grad()(lambda tfn=tfn, targ=targ: tfn(targ))
             diff = float(np.max(np.abs(np.asarray(compiled(params, arg)) - call_t().numpy().transpose(0, 2, 3, 1))))
             r = race({"jax": lambda c=compiled, a=arg: c(params, a).block_until_ready(), "torch_eager": call_t},
@@ -621,7 +628,7 @@ def main(argv=None):
             print(render_table(json.load(f)))
         return
     partial = args._partial or re.sub(r"\.json$", "", args.out) + ".partial.jsonl"
-    _PARTIAL.append(partial)
+    PARTIAL.append(partial)
     t0 = time.time()
     if args._child == "sharded":
         res = _child_sharded(args)

@@ -36,7 +36,6 @@ H100_BF16_PEAK = 989.4e12
 MEASURED_MATMUL = 798e12
 
 
-_PARTIAL = PARTIAL  # where each finished configuration is appended at once
 
 
 def _timeit(fn, sync, warmup: int, iters: int) -> list[float]:
@@ -411,7 +410,7 @@ def main():
                    help="U-Net attention kernel: cuDNN flash attention (GPU) or XLA's")
     p.add_argument("--tiny", action="store_true", help="tiny models: a CPU smoke run of the JAX parts")
     args = p.parse_args()
-    _PARTIAL.append(args.out + ".partial.jsonl")
+    PARTIAL.append(args.out + ".partial.jsonl")
     t0 = time.time()
     res = globals()[args.part](args)
     res.update(part=args.part, argv=sys.argv, wall_s=time.time() - t0, host=platform.node(),

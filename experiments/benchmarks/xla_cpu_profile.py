@@ -3,10 +3,11 @@ kind, next to PyTorch's autograd profiler on the same U-Net (diffusers, same wei
 XLA compile-option variants.
 
     python experiments/benchmarks/xla_cpu_profile.py        # -> experiments/benchmarks/xla_cpu_profile.json
-    python experiments/benchmarks/xla_cpu_profile.py --batch=64 --variants=default,no_ynn
+    python experiments/benchmarks/xla_cpu_profile.py --batch=64 --variants=jit,no_ynn
 
-The JAX trace is recorded with xla_cpu_enable_xprof_traceme so every thunk (fusion, convolution, dot, custom
-call) is an event; events are grouped by the leading word of their name (convolution, dot, fusion, ...).
+Variants are unet_cpu.py's (`jit` = XLA's defaults; xla_cpu_profile.json was recorded when it was called
+`default`). XLA:CPU's trace has one event per executed thunk (fusion, dot, convolution, custom call); events
+are grouped by their name without its numeric suffix.
 """
 
 from __future__ import annotations
@@ -18,69 +19,29 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from unet_cpu import BENCH_UNET, CONTEXT_LEN, LATENT, jax_fns, jax_model, torch_fns, torch_model  # noqa: E402
-
-VARIANTS = {
-    "default": {},
-    "no_ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "ynn_conv": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
-    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "ynn_conv_dot": {"xla_cpu_experimental_ynn_fusion_type":
-                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "onednn": {"xla_cpu_use_onednn": True},
-    "concurrency_sched": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
-    "fast_math": {"xla_cpu_enable_fast_math": True},
-}
-
-
-def _timeit(fn, iters: int) -> dict:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": iters}
+import unet_cpu  # noqa: E402  (sets LDM_JAX_XLA_CPU_DEFAULTS=0 before ldm_jax is imported)
+from unet_cpu import VARIANTS, jax_cases, jax_model, race, torch_fns, torch_model  # noqa: E402
 
 
 def _kind(name: str) -> str:
-    name = name.split(":")[0].strip()
-    name = re.sub(r"[._]\d+$", "", name)
-    return re.sub(r"[._\-]?\d+$", "", name) or name
+    """Op kind of a trace event: its name without the numeric suffix ("dot.518" -> "dot")."""
+    return re.sub(r"[._-]?\d+$", "", name.split(":")[0].strip()) or name
 
 
-def jax_step(batch: int, options: dict):
-    import jax
-    import optax
-
+def jax_step(batch: int, variant: str):
+    """(zero-arg blocking training step, compile seconds, (config, params)) for one unet_cpu variant."""
     from ldm_jax import diffusion
 
-    schedule = diffusion.get_schedule("scaled_linear")
     cfg, unet, params = jax_model()
-    tx, train, _, _ = jax_fns(unet, schedule, 1, True, 1)
-    key = jax.random.key(1)
-    x0 = jax.random.normal(key, (batch, LATENT, LATENT, 4))
-    ctx = jax.random.normal(key, (batch, CONTEXT_LEN, cfg.cross_attention_dim))
-    opt = jax.jit(tx.init)(params)
-    t0 = time.perf_counter()
-    fn = jax.jit(train, donate_argnums=(0, 1)).lower(params, opt, x0, ctx, key).compile(
-        compiler_options=options or None)
-    compile_s = time.perf_counter() - t0
-    state = {"p": jax.tree.map(lambda a: a.copy(), params), "o": opt}  # the step donates its inputs
-
-    def step():
-        state["p"], state["o"], loss = fn(state["p"], state["o"], x0, ctx, key)
-        loss.block_until_ready()
-
-    del optax
-    return step, compile_s, (cfg, params)
+    sizes = argparse.Namespace(train_batches=(batch,), forward_batches=(), sample_batches=(), steps=1)
+    step, info = jax_cases(unet, params, diffusion.get_schedule("scaled_linear"), variant, sizes)[("train", batch)]
+    return step, info["compile_s"], (cfg, params)
 
 
 def jax_profile(step, iters: int) -> dict:
@@ -121,7 +82,7 @@ def torch_profile(cfg, params, batch: int, iters: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     model = torch_model(cfg, params)
     step = torch_fns(model, torch)["train"](batch)
-    timing = _timeit(step, iters)
+    timing = race({"torch": step}, 1, iters)["torch"]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             step()
@@ -134,24 +95,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--variants", default="default,no_ynn,onednn,concurrency_sched")
+    p.add_argument("--variants", default="jit,no_ynn,onednn,concurrency_sched")
     p.add_argument("--no_torch", action="store_true")
     p.add_argument("--no_profile", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "xla_cpu_profile.json"))
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     threads = len(os.sched_getaffinity(0))
-    res = {"batch": args.batch, "unet": BENCH_UNET, "variants": {}, "date": time.strftime("%Y-%m-%d"),
+    res = {"batch": args.batch, "unet": unet_cpu.BENCH_UNET, "variants": {}, "date": time.strftime("%Y-%m-%d"),
            "argv": sys.argv}
     model = None
     for name in args.variants.split(","):
         print(f"[{time.strftime('%H:%M:%S')}] variant {name}", flush=True)
         try:
-            step, compile_s, model = jax_step(args.batch, VARIANTS[name])
+            step, compile_s, model = jax_step(args.batch, name)
         except Exception as e:  # an option this jaxlib rejects is a result
             res["variants"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(res["variants"][name], flush=True)
             continue
-        rec = {"options": VARIANTS[name], "compile_s": compile_s, **_timeit(step, args.iters)}
+        rec = {"options": VARIANTS[name][0], "compile_s": compile_s, **race({name: step}, 1, args.iters)[name]}
         if not args.no_profile:
             rec["profile"] = jax_profile(step, 3)
         res["variants"][name] = rec

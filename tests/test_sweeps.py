@@ -106,6 +106,53 @@ def test_runner_resumes_splits_hosts_and_reports(tmp_path):
         assert os.path.getsize(tmp_path / png) > 1000
 
 
+def _fake_checkpointed_train(calls):
+    """A fake trainer that leaves what reuse reads: a checkpoint step with the run's config."""
+    def train(config, workdir):
+        _fake_train(calls)(config, workdir)
+        folder = os.path.join(workdir, "checkpoints", str(config.train.num_steps), "config")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort())
+    return train
+
+
+def test_runner_reuses_identically_trained_runs_of_another_sweep(tmp_path):
+    c = _sweep_config()
+    c.sweep.product = dict(diffusion=dict(schedule=("linear", "cosine")))
+    c.sweep.zip, c.sweep.seeds = {}, ()
+    source = str(tmp_path / "source")
+    run_sweep(c, source, train_fn=_fake_checkpointed_train([]), eval_fn=_fake_eval)
+    with open(os.path.join(source, "results.jsonl")) as f:  # as if that sweep ran from another directory
+        rows = [dict(json.loads(line), workdir=f"elsewhere/runs/{json.loads(line)['run']}") for line in f]
+    with open(os.path.join(source, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    # the linear run's saved config trained with another learning rate: it must not stand in
+    path = os.path.join(source, "runs", "schedule=linear", "checkpoints", str(c.train.num_steps), "config",
+                        "config.json")
+    saved = json.load(open(path))
+    saved["optimizer"]["lr"] *= 2
+    json.dump(saved, open(path, "w"))
+
+    # the sampler study: other evaluation points and paths, one run the source never trained
+    c.sweep.product = dict(diffusion=dict(schedule=("cosine", "sigmoid", "linear")))
+    c.sweep.eval.nfes = (3,)
+    c.data.data_dir, c.model.vae.workdir = "/somewhere/else", "/another/autoencoder"
+    calls = []
+    got = run_sweep(c, str(tmp_path / "study"), train_fn=_fake_checkpointed_train(calls), eval_fn=_fake_eval,
+                    reuse_from=source)
+    by_run = {r["run"]: r for r in got}
+    assert sorted(os.path.basename(d) for d in calls) == ["schedule=linear", "schedule=sigmoid"]
+    cosine = by_run["schedule=cosine"]
+    assert cosine["reused_from"] == cosine["workdir"] == os.path.join(source, "runs", "schedule=cosine")
+    assert cosine["final_loss"] == pytest.approx(1 / 3) and cosine["train_minutes"] == rows[1]["train_minutes"]
+    assert {(e["sampler"], e["nfe"]) for e in cosine["evals"]} == {("ddim", 3), ("euler", 3)}
+    assert "reused_from" not in by_run["schedule=linear"]
+    assert sorted(os.listdir(os.path.join(source, "runs"))) == ["schedule=cosine", "schedule=linear"]  # only read
+    with pytest.raises(ValueError, match="has no results"):
+        run_sweep(c, str(tmp_path / "x"), train_fn=_fake_train([]), eval_fn=_fake_eval, reuse_from=str(tmp_path))
+
+
 def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     """`ldm-jax sweep` on the tiny ablation: shared autoencoder, 2 LDM runs, ddim/heun evals, report; a rerun
     trains nothing."""
@@ -138,6 +185,18 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(open(tmp_path / "results.jsonl").read().splitlines()) == 2  # finished runs are skipped
+
+    # a second study on the same checkpoints: nothing trains, the first sweep's directory is only read
+    before = sorted(os.listdir(tmp_path))
+    other = tmp_path.parent / "reuse"
+    reuse = subprocess.run([*cmd[:-1], f"--workdir={other}", f"--reuse_from={tmp_path}"], capture_output=True,
+                           text=True, timeout=900)
+    assert reuse.returncode == 0, reuse.stderr[-3000:]
+    again_rows = [json.loads(line) for line in open(other / "results.jsonl")]
+    assert [r["reused_from"] for r in again_rows] == [str(tmp_path / "runs" / r["run"]) for r in rows]
+    assert [r["evals"] for r in again_rows] == [r["evals"] for r in rows]  # same checkpoints, same seeds
+    assert not (other / "runs").exists() and not (other / "autoencoder").exists()
+    assert sorted(os.listdir(tmp_path)) == before
 
     bad = subprocess.run([*cmd[:4], "--config=configs/shapes_ldm.py:tiny", f"--workdir={tmp_path / 'x'}"],
                          capture_output=True, text=True, timeout=300)

@@ -6,11 +6,14 @@ rerunning skips finished runs), each evaluated with every sampler x NFE of ``swe
 DIR/results.jsonl and writes DIR/report.md with plots. ``--num_hosts=N --host_index=I`` splits the runs
 over hosts (host I takes runs I, I+N, ...); ``--prepare_only`` trains the shared autoencoder and builds the
 shared latent cache, then stops (run it once before starting several hosts on one machine or file system);
-``--report_only`` re-renders the report.
+``--report_only`` re-renders the report. ``--reuse_from=OTHER_SWEEP_DIR`` evaluates the runs that another
+sweep already trained with the same training config from there (and uses its data and autoencoder), e.g.
+the sampler study on the schedule study's checkpoints.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -25,6 +28,8 @@ _HOST = flags.DEFINE_integer("host_index", 0, "This host's index when the runs a
 _HOSTS = flags.DEFINE_integer("num_hosts", 1, "Number of hosts the runs are split over.")
 _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Only train the shared autoencoder and build the shared "
                                    "latent cache (once, before several hosts start).")
+_REUSE = flags.DEFINE_string("reuse_from", None, "Another sweep's directory: its finished runs with the same "
+                             "training config are evaluated from there instead of trained again.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render report.md from results.jsonl.")
 
 
@@ -45,12 +50,14 @@ def main(argv):
         if not _REPORT_ONLY.value:
             runs = expand(config)  # a bad spec fails here, before any training
             print(f"sweep: {len(runs)} runs -> {workdir}", flush=True)
-            stages.prepare(config, workdir)
+            if _REUSE.value and not os.path.isdir(_REUSE.value):
+                fail(f"--reuse_from={_REUSE.value} is not a directory: give the workdir of a finished sweep")
+            stages.prepare(config, workdir, reuse_from=_REUSE.value)
             if _PREPARE_ONLY.value:
                 print(f"sweep: autoencoder and shared data ready in {workdir}", flush=True)
                 return
             run_sweep(config, workdir, train_fn=stages.train_fn, eval_fn=stages.make_eval_fn(config.sweep.get("eval")),
-                      host_index=_HOST.value, num_hosts=_HOSTS.value)
+                      host_index=_HOST.value, num_hosts=_HOSTS.value, reuse_from=_REUSE.value)
         path = render_report(workdir, title=str(config.sweep.get("title", "Sweep report")),
                              primary=config.sweep.get("eval", {}).get("primary") or None)
     except stages.Interrupted as e:

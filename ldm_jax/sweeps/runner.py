@@ -2,6 +2,11 @@
 one JSON row per finished run to ``results.jsonl``. Rerunning the same command skips finished runs and
 resumes an interrupted one from its checkpoints. With ``num_hosts > 1`` host i takes runs i, i+n, ...
 and writes ``results.host<i>.jsonl``; the report merges them.
+
+``reuse_from`` points at another sweep's directory: a run that sweep already trained with the same training
+config (the same overrides, and the saved config equal up to paths and evaluation settings) is evaluated
+from there instead of being trained again, e.g. a sampler study on the checkpoints of a schedule study. The
+other sweep's directory is only read.
 """
 
 from __future__ import annotations
@@ -56,23 +61,82 @@ def eval_points(eval_spec) -> list[tuple[str, int]]:
     return points
 
 
-def _run_one(run: Run, run_dir: str, train_fn: TrainFn, eval_fn: EvalFn, points) -> dict:
+# config fields that do not change what a run trains: paths (each sweep has its own) and evaluation settings
+_NOT_TRAINING = ("sweep", "eval", "sample", "checkpoint", "logging", "data.data_dir", "data.latent_cache",
+                 "model.vae.workdir")
+
+
+def _training_view(config: dict) -> dict:
+    view = json.loads(json.dumps(config))
+    for dotted in _NOT_TRAINING:
+        *parents, leaf = dotted.split(".")
+        node = view
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return view
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def config_differences(config: dict, saved: dict) -> list[str]:
+    """Dotted keys where two config dicts train different things (paths and evaluation settings ignored)."""
+    return _differences(_training_view(config), _training_view(saved))
+
+
+def reusable_run(run: Run, row: dict) -> str | None:
+    """Why the run `row` of another sweep cannot stand in for `run` (None when it can): its checkpoint must
+    have reached the run's last step and its saved config must train the same thing."""
+    from ldm_jax.training.checkpoint import read_config
+
+    folder = os.path.join(row["workdir"], "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    last = int(run.config.train.num_steps)
+    if not steps or max(steps) < last:
+        return f"no checkpoint at step {last} in {row['workdir']}"
+    diff = config_differences(json.loads(run.config.to_json_best_effort()), read_config(row["workdir"], max(steps)))
+    return f"trained with different {', '.join(diff[:5])}" if diff else None
+
+
+def _overrides_key(overrides) -> str:
+    return json.dumps(sorted(json.loads(json.dumps(dict(overrides))).items()))
+
+
+def _run_one(run: Run, run_dir: str, train_fn: TrainFn, eval_fn: EvalFn, points, reused: dict | None) -> dict:
     t0 = time.time()
-    train_fn(run.config, run_dir)
-    train_minutes = (time.time() - t0) / 60
+    if reused is None:
+        train_fn(run.config, run_dir)
+        train_minutes = (time.time() - t0) / 60
+    else:  # trained by another sweep: evaluated from its directory, its training time recorded
+        run_dir, train_minutes = reused["workdir"], reused.get("train_minutes")
     t1, evals = time.time(), []
     for sampler, nfe in points:
         metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
         evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
-    return {"run": run.name, "overrides": {k: v for k, v in run.overrides}, "workdir": run_dir,
-            "train_minutes": train_minutes, "eval_minutes": (time.time() - t1) / 60,
-            "final_loss": _final_loss(run_dir), "evals": evals}
+    row = {"run": run.name, "overrides": {k: v for k, v in run.overrides}, "workdir": run_dir,
+           "train_minutes": train_minutes, "eval_minutes": (time.time() - t1) / 60,
+           "final_loss": _final_loss(run_dir), "evals": evals}
+    return row if reused is None else {**row, "reused_from": reused["workdir"]}
 
 
 def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_index: int = 0,
-              num_hosts: int = 1) -> list[dict]:
-    """Trains and evaluates every run of ``config.sweep`` this host owns; returns all finished rows."""
+              num_hosts: int = 1, reuse_from: str | None = None) -> list[dict]:
+    """Trains and evaluates every run of ``config.sweep`` this host owns; returns all finished rows. Runs
+    that the sweep in ``reuse_from`` trained identically are evaluated from there (see the module doc)."""
     runs = expand(config)
+    if reuse_from and not read_results(reuse_from):
+        raise ValueError(f"--reuse_from={reuse_from} has no results*.jsonl: point it at a sweep directory with "
+                         "finished runs")
+    others = {}
+    for row in read_results(reuse_from) if reuse_from else ():
+        # the row's workdir may be relative to wherever that sweep ran: locate the run inside reuse_from
+        others[_overrides_key(row["overrides"])] = {
+            **row, "workdir": os.path.join(reuse_from, "runs", os.path.basename(os.path.normpath(row["workdir"])))}
     os.makedirs(workdir, exist_ok=True)
     done = {row["run"] for row in read_results(workdir)}
     eval_spec = config.sweep.get("eval", {})
@@ -83,8 +147,13 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
         if run.name in done:
             logging.info("sweep: %s already finished, skipping", run.name)
             continue
-        logging.info("sweep: run %d/%d %s", k + 1, len(mine), run.name)
-        row = _run_one(run, os.path.join(workdir, "runs", run.name), train_fn, eval_fn, points)
+        reused = others.get(_overrides_key(run.overrides))
+        if reused is not None and (why := reusable_run(run, reused)):
+            logging.warning("sweep: not reusing %s from %s: %s; training it here", run.name, reuse_from, why)
+            reused = None
+        logging.info("sweep: run %d/%d %s%s", k + 1, len(mine), run.name,
+                     f" (trained in {reused['workdir']})" if reused else "")
+        row = _run_one(run, os.path.join(workdir, "runs", run.name), train_fn, eval_fn, points, reused)
         with open(os.path.join(workdir, out_name), "a") as f:
             f.write(json.dumps(row) + "\n")
     with open(os.path.join(workdir, "sweep.json"), "w") as f:

@@ -16,6 +16,7 @@ but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step pe
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -39,11 +40,34 @@ def _check_finished(state, config, what: str) -> None:
                           "recorded for it: rerun the same command to resume")
 
 
-def prepare(config, workdir: str):
-    """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data."""
+def _reuse_autoencoder(ae, ae_dir: str) -> None:
+    """Checks that another sweep's autoencoder in `ae_dir` is finished and trained from the same config."""
+    from ldm_jax.sweeps.runner import config_differences
+    from ldm_jax.training.checkpoint import read_config
+
+    try:
+        saved = read_config(ae_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"--reuse_from: no trained autoencoder in {ae_dir}: point it at a sweep directory whose "
+                          "autoencoder finished") from None
+    diff = config_differences(json.loads(ae.to_json_best_effort()), saved)
+    if diff:
+        raise ConfigError(f"--reuse_from: the autoencoder in {ae_dir} was trained with different {', '.join(diff[:5])}"
+                          "; reuse only a sweep of the same autoencoder config, or drop --reuse_from")
+    step = max(int(n) for n in os.listdir(os.path.join(ae_dir, "checkpoints")) if n.isdigit())
+    if step < int(ae.train.num_steps):
+        raise ConfigError(f"--reuse_from: the autoencoder in {ae_dir} stopped at step {step} of "
+                          f"{int(ae.train.num_steps)}: finish that sweep first")
+
+
+def prepare(config, workdir: str, reuse_from: str | None = None):
+    """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data.
+    With `reuse_from` (another sweep's directory) that sweep's data and finished autoencoder are used instead,
+    so its trained runs can be evaluated here (only read, never written)."""
     from ldm_jax.training import run
 
-    data_dir = str(config.data.get("data_dir", "") or os.path.join(workdir, "data"))
+    home = reuse_from or workdir
+    data_dir = str(config.data.get("data_dir", "") or os.path.join(home, "data"))
     config.data.data_dir = data_dir
     spec = str(config.sweep.get("autoencoder", "") or "")
     if spec:
@@ -52,8 +76,12 @@ def prepare(config, workdir: str):
         for key, value in (config.sweep.get("autoencoder_overrides", {}) or {}).items():
             section, field = key.split(".", 1)
             ae[section][field] = value
-        _check_finished(run(ae, os.path.join(workdir, "autoencoder")), ae, "the shared autoencoder")
-        config.model.vae.workdir = os.path.join(workdir, "autoencoder")
+        ae_dir = os.path.join(home, "autoencoder")
+        if reuse_from:
+            _reuse_autoencoder(ae, ae_dir)
+        else:
+            _check_finished(run(ae, ae_dir), ae, "the shared autoencoder")
+        config.model.vae.workdir = ae_dir
     elif not (config.model.vae.get("workdir") or config.model.vae.get("pretrained")):
         raise ConfigError("the sweep needs an autoencoder: set sweep.autoencoder (a config spec trained once) or "
                           "model.vae.workdir / model.vae.pretrained")

@@ -2,7 +2,8 @@
 weighting, on the demo's stage-2 model (U-Net (64, 128), 800 steps of batch 32 on the shared autoencoder).
 
     ldm-jax sweep --config=configs/ablation_noise_schedules.py --workdir=runs/ablation_shapes
-    ldm-jax sweep --config=configs/ablation_noise_schedules.py:samplers --workdir=runs/ablation_samplers
+    ldm-jax sweep --config=configs/ablation_noise_schedules.py:samplers --workdir=runs/ablation_samplers \
+        --reuse_from=runs/ablation_shapes   # evaluates the two settings the shapes study trained
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:fashion_mnist --workdir=runs/ablation_fmnist
     ldm-jax sweep --config=configs/ablation_noise_schedules.py:tiny --workdir=/tmp/sweep   # seconds (tests)
 
@@ -18,9 +19,11 @@ and dpmpp_2m at 10 and 20 NFE (36 images) and, during training, for prompt adher
 20, 64 images).
 
 The `fashion_mnist` variant trains the six headline settings and the scaled_linear pair once (1200 steps,
-FD-FMNIST on 500 images at each evaluation point; dark backgrounds, mean pixel ~0.29, the other side of the
-brightness bias from shapes' white ones). The `samplers` variant trains two settings and evaluates every
-sampler (ddim, euler, heun, dpmpp_2m) at 10 / 20 / 50 NFE and ddim at 100 (72 images). With zero terminal SNR
+FD-FMNIST on 500 images at each evaluation point: every 300 steps with ddim 20 and at the end with ddim and
+dpmpp_2m at 20 NFE; dark backgrounds, mean pixel ~0.29, the other side of the brightness bias from shapes'
+white ones). The `samplers` variant trains two settings and evaluates every
+sampler (ddim, euler, heun, dpmpp_2m) at 10 / 20 / 50 NFE and ddim at 100 (72 images); both settings are
+also in the shapes grid, so with `--reuse_from` it only evaluates the shapes study's checkpoints. With zero terminal SNR
 and eps-prediction the first step cannot recover x0 (alpha = 0); the diffusion core clamps the final time, so
 such a run measures the failure Lin et al. 2023 predict rather than crashing.
 """
@@ -89,6 +92,7 @@ def get_config(arg=None):
         c.sweep.zip = _zip(_HEADLINE + _ZERO_SNR_PAIR)
         c.sweep.product, c.sweep.extra, c.sweep.first = {}, (), ()
         c.sweep.eval.num_samples = 500  # FD-FMNIST needs hundreds of images, not the shapes checker's 36
+        c.sweep.eval.nfes = (20,)  # each FD point costs minutes; the NFE axis is the samplers variant's job
     if arg == "samplers":  # the sampler comparison: two settings, every sampler at 10 / 20 / 50 NFE, ddim at 100
         c.sweep.zip = _zip(((_COSINE, "v", "min_snr"), (_LINEAR, "eps", "min_snr")))
         c.sweep.product, c.sweep.extra = {}, ()

@@ -1,12 +1,15 @@
 """Tables and plots for the noise-schedule study's README, from a finished (or partly finished) sweep directory.
 
     python experiments/noise_schedules/analyze.py runs/ablation_shapes [--out experiments/noise_schedules]
+    python experiments/noise_schedules/analyze.py runs/ablation_samplers --out experiments/noise_schedules/samplers
+    python experiments/noise_schedules/analyze.py runs/ablation_fmnist --out experiments/noise_schedules/fashion_mnist
 
 Copies the sweep's per-run rows (results.jsonl), report.md and plots next to this script, adds each run's
 training metrics (loss and the in-training adherence evaluations, `runs.jsonl`), and writes `findings.md`
-(every setting: accuracy and brightness gap per sampler x NFE, mean over seeds with the per-seed values) and
-`convergence.png` (prompt adherence during training). Accuracies are fractions of the evaluation images whose
-colour / shape / position the shapes checker reads as prompted; `mean_acc` is the mean of the three.
+(every setting: the sweep's metric and the brightness gap per sampler x NFE, mean over seeds with the
+per-seed values) and `convergence.png` (the in-training evaluations). On shapes the metric is prompt adherence:
+fractions of the evaluation images whose colour / shape / position the shapes checker reads as prompted,
+`mean_acc` the mean of the three; on fashion_mnist it is FD-FMNIST (lower is better).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def setting(overrides: dict) -> tuple[str, str, str]:
 
 
 def training_metrics(run_dir: str) -> dict:
-    """{"loss": [(step, loss)], "adherence": {step: {color_acc, ...}}} from a run's metrics.jsonl."""
-    out = {"loss": [], "adherence": {}}
+    """{"loss": [(step, loss)], "adherence": {step: {color_acc, ...}}, "fd": {step: FD-FMNIST}} from a run's
+    metrics.jsonl."""
+    out = {"loss": [], "adherence": {}, "fd": {}}
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(path):
         for r in map(json.loads, open(path)):
@@ -41,6 +45,8 @@ def training_metrics(run_dir: str) -> dict:
                 out["loss"].append((int(r["step"]), float(r["loss"])))
             if "eval/adherence/all_acc" in r:
                 out["adherence"][int(r["step"])] = {k: float(r[f"eval/adherence/{k}"]) for k in ADHERENCE}
+            if "eval/fd_fmnist/fd" in r:
+                out["fd"][int(r["step"])] = float(r["eval/fd_fmnist/fd"])
     return out
 
 
@@ -56,6 +62,7 @@ def main():
     p.add_argument("workdir")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     from ldm_jax.sweeps.runner import read_results
 
     rows = read_results(args.workdir)
@@ -72,36 +79,55 @@ def main():
         return next((float(e[key]) for e in r["evals"]
                      if e["sampler"] == sampler and e["nfe"] == nfe and key in e), None)
 
+    shapes = any("mean_acc" in e for r in rows for e in r["evals"])
+    metric, label = ("mean_acc", "acc") if shapes else ("fd_fmnist", "FD")
     lines = [f"# Findings: {len(rows)} finished runs", "",
-             "Mean over seeds, per-seed values in parentheses. `acc` = mean of colour / shape / position accuracy at "
-             "the end of training; `gap` = |mean generated pixel - mean test pixel| (0..1).", ""]
-    head = "| schedule | prediction | weighting | seeds | " + " | ".join(f"acc {s}@{n}" for s, n in points)
+             "Mean over seeds, per-seed values in parentheses. "
+             + ("`acc` = mean of colour / shape / position accuracy" if shapes
+                else "`FD` = FD-FMNIST (lower is better)")
+             + " at the end of training; `gap` = |mean generated pixel - mean test pixel| (0..1).", ""]
+    head = "| schedule | prediction | weighting | seeds | " + " | ".join(f"{label} {s}@{n}" for s, n in points)
     lines += [head + " | gap (mean over samplers) | final loss |", "|" + "---|" * (len(points) + 6)]
     for key in sorted(by):
         rs = by[key]
-        accs = [fmt([ev(r, s, n, "mean_acc") for r in rs]) for s, n in points]
+        cells = [fmt([ev(r, s, n, metric) for r in rs], 2 if shapes else 1) for s, n in points]
         gaps = [np.nanmean([ev(r, s, n, "brightness_gap") or np.nan for s, n in points]) for r in rs]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(rs)} | " + " | ".join(accs)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(rs)} | " + " | ".join(cells)
                      + f" | {fmt(gaps, 3)} | {fmt([r['final_loss'] for r in rs], 3)} |")
-    sampler, nfe = max(points, key=lambda p: (p[0] == "dpmpp_2m", p[1]))
-    lines += ["", f"## Attribute accuracies ({sampler} {nfe} NFE)", "",
-              "| schedule | prediction | weighting | colour | shape | position |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Brightness gap per sampler x NFE", "",
+              "| schedule | prediction | weighting | " + " | ".join(f"gap {s}@{n}" for s, n in points) + " |",
+              "|" + "---|" * (len(points) + 3)]
     for key in sorted(by):
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
-                     + " | ".join(fmt([ev(r, sampler, nfe, k) for r in by[key]]) for k in ADHERENCE[:3]) + " |")
-    lines += ["", "## During training (ddim 20 NFE, 64 prompts): all attributes correct / mean attribute accuracy", "",
-              "| schedule | prediction | weighting | " + " | ".join(
-                  f"step {s}" for s in sorted({s for r in rows for s in r["training"]["adherence"]})) + " |"]
-    steps = sorted({s for r in rows for s in r["training"]["adherence"]})
-    lines.append("|" + "---|" * (len(steps) + 3))
+                     + " | ".join(fmt([ev(r, s, n, "brightness_gap") for r in by[key]], 3) for s, n in points) + " |")
+    sampler, nfe = max(points, key=lambda p: (p[0] == "dpmpp_2m", p[1] == 20, p[1]))
+    if shapes:
+        lines += ["", f"## Attribute accuracies ({sampler} {nfe} NFE)", "",
+                  "| schedule | prediction | weighting | colour | shape | position |", "|---|---|---|---|---|---|"]
+        for key in sorted(by):
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                         + " | ".join(fmt([ev(r, sampler, nfe, k) for r in by[key]]) for k in ADHERENCE[:3]) + " |")
+
+    def curve(r) -> dict:  # step -> the in-training metric
+        if shapes:
+            adh = r["training"]["adherence"]
+            return {s: float(np.mean([adh[s][k] for k in ADHERENCE[:3]])) for s in adh}
+        return r["training"]["fd"]
+
+    steps = sorted({s for r in rows for s in curve(r)})
+    lines += ["", "## During training (ddim 20 NFE): " + ("all attributes correct / mean attribute accuracy, 64 prompts"
+                                                        if shapes else "FD-FMNIST, 500 images"), "",
+              "| schedule | prediction | weighting | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|" + "---|" * (len(steps) + 3)]
     for key in sorted(by):
         rs = by[key]
         cells = []
         for s in steps:
-            allc = [r["training"]["adherence"].get(s, {}).get("all_acc") for r in rs]
-            mean = [np.mean([r["training"]["adherence"][s][k] for k in ADHERENCE[:3]])
-                    if s in r["training"]["adherence"] else None for r in rs]
-            cells.append(f"{fmt(allc)} / {fmt(mean)}")
+            if shapes:
+                allc = [r["training"]["adherence"].get(s, {}).get("all_acc") for r in rs]
+                cells.append(f"{fmt(allc)} / {fmt([curve(r).get(s) for r in rs])}")
+            else:
+                cells.append(fmt([curve(r).get(s) for r in rs], 1))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "findings.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -115,16 +141,14 @@ def main():
     for ax, pred in zip(axes, ("eps", "v")):
         for c, key in enumerate(sorted(k for k in by if k[1] == pred)):
             for i, r in enumerate(by[key]):  # one colour per setting, one line per seed
-                adh = r["training"]["adherence"]
-                st = sorted(adh)
-                if st:
-                    ax.plot(st, [np.mean([adh[s][k] for k in ADHERENCE[:3]]) for s in st], marker=".", alpha=0.8,
-                            color=f"C{c}",
+                points_ = sorted(curve(r).items())
+                if points_:
+                    ax.plot(*zip(*points_), marker=".", alpha=0.8, color=f"C{c}",
                             ls="-" if key[2] == "min_snr" else "--", label=f"{key[0]}, {key[2]}" if i == 0 else None)
         ax.set_title(f"{pred}-prediction (solid: min-SNR, dashed: uniform)", fontsize=9)
         ax.set_xlabel("training step")
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("mean attribute accuracy (ddim 20, 64 prompts)")
+    axes[0].set_ylabel("mean attribute accuracy (ddim 20, 64 prompts)" if shapes else "FD-FMNIST (ddim 20, 500 images)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "convergence.png"), dpi=110)
     for name in ("report.md", "loss_curves.png", "metric_vs_nfe.png", "metric_per_run.png"):

@@ -50,7 +50,10 @@ def dot_product_attention(
             implementation = None
     if implementation is None and jax.default_backend() == "cpu":
         # XLA:CPU runs the heads-major einsums below faster than jax.nn's XLA path: forward 3.3 vs 6.5 ms, forward +
-        # backward 10.4 vs 14.1 ms for 16 x 256 tokens x 32 channels (experiments/benchmarks/README.md)
+        # backward 10.4 vs 14.1 ms for 16 x 256 tokens x 32 channels (experiments/benchmarks/README.md), and
+        # faster still a few images at a time once the score tensor outgrows the caches
+        if mask is None:
+            return _batch_chunked_attention(q, k, v, is_causal=is_causal)
         implementation = "explicit"
     if implementation != "explicit":
         try:
@@ -59,6 +62,34 @@ def dot_product_attention(
             if implementation is not None:
                 raise
     return _explicit_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+# bytes of float32 scores one chunk of the batch may hold on CPU (about what the caches keep): in the benchmark
+# U-Net at batch 64 (16 MiB of scores per self-attention), 10 guided DDIM steps take 9.97 instead of 11.05 s and
+# a training step 2.89 instead of 2.98 s; batch 16 within noise (experiments/benchmarks/cpu_attention_chunks.py)
+CPU_SCORE_BYTES = 4 << 20
+
+
+def _batch_chunked_attention(q, k, v, *, is_causal=False, score_bytes: int | None = None):
+    """The explicit attention over chunks of the batch (`lax.map`, each chunk rematerialized in the backward
+    pass) so that one chunk's score tensor stays within `score_bytes` (default `CPU_SCORE_BYTES`); unchunked
+    when the whole batch fits.
+
+    Chunk j takes images j, j + n, j + 2n, ... (n chunks), so a batch sharded over devices stays evenly spread
+    in every chunk."""
+    batch, per_image = q.shape[0], q.shape[2] * q.shape[1] * k.shape[1] * 4
+    score_bytes = CPU_SCORE_BYTES if score_bytes is None else score_bytes
+    size = max([c for c in range(1, batch + 1) if batch % c == 0 and c * per_image <= score_bytes] or [1])
+    if size == batch:
+        return _explicit_attention(q, k, v, is_causal=is_causal)
+    n = batch // size
+
+    def split(a):  # (B, ...) -> (n, size, ...), image j + i * n at [j, i]
+        return jnp.swapaxes(a.reshape(size, n, *a.shape[1:]), 0, 1)
+
+    body = jax.checkpoint(lambda qkv: _explicit_attention(*qkv, is_causal=is_causal))
+    out = jax.lax.map(body, (split(q), split(k), split(v)))
+    return jnp.swapaxes(out, 0, 1).reshape(batch, *out.shape[2:])
 
 
 def _explicit_attention(q, k, v, *, mask=None, is_causal=False):

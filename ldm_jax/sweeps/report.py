@@ -28,17 +28,34 @@ def _loss_curve(run_dir: str):
     return np.array(pts) if pts else None
 
 
+def short_names(rows) -> list[str]:
+    """Run names without the key=value parts every run shares (plot labels)."""
+    parts = [row["run"].split(",") for row in rows]
+    shared = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+    return [",".join(p for p in ps if p not in shared) or row["run"] for ps, row in zip(parts, rows)]
+
+
+def _legend_below(fig, axes, height: float, count: int) -> None:
+    """One legend for all panels, one run per line below them; the panels keep their own space."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, min(0.8, 0.13 * count / height + 0.02), 1, 1))
+
+
 def _plot_losses(rows, path):
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
+    height = 3.6 + 0.13 * len(rows)
+    fig, ax = plt.subplots(figsize=(7, height))
+    for i, (row, name) in enumerate(zip(rows, short_names(rows))):
         curve = _loss_curve(row["workdir"])
         if curve is not None:
-            ax.plot(curve[:, 0], curve[:, 1], label=row["run"], lw=1)
+            ax.plot(curve[:, 0], curve[:, 1], label=name, lw=1, color=f"C{i % 10}")
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Loss curves")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    _legend_below(fig, [ax], height, len(rows))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -47,17 +64,21 @@ def _plot_vs_nfe(rows, metric, path):
     import matplotlib.pyplot as plt
 
     samplers = sorted({e["sampler"] for r in rows for e in r["evals"]})
-    fig, axes = plt.subplots(1, len(samplers), figsize=(4 * len(samplers), 3.5), squeeze=False, sharey=True)
+    nfes = sorted({e["nfe"] for r in rows for e in r["evals"]})
+    height = 3.2 + 0.13 * len(rows)
+    fig, axes = plt.subplots(1, len(samplers), figsize=(max(4 * len(samplers), 8), height), squeeze=False,
+                             sharey=True)
     for ax, sampler in zip(axes[0], samplers):
-        for row in rows:
+        for i, (row, name) in enumerate(zip(rows, short_names(rows))):
             pts = sorted((e["nfe"], e[metric]) for e in row["evals"]
                          if e["sampler"] == sampler and metric in e)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=row["run"], lw=1)
+                ax.plot(*zip(*pts), marker="o", label=name, lw=1, color=f"C{i % 10}")
         ax.set(xlabel="NFE", title=sampler, xscale="log")
+        ax.minorticks_off()
+        ax.set_xticks(nfes, [str(n) for n in nfes])
     axes[0][0].set_ylabel(metric)
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
+    _legend_below(fig, axes[0], height, len(rows))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -66,12 +87,13 @@ def _plot_per_run(rows, metric, sampler, nfe, path):
     import matplotlib.pyplot as plt
 
     names, vals = [], []
-    for row in rows:
+    for row, name in zip(rows, short_names(rows)):
         v = [e[metric] for e in row["evals"] if e["sampler"] == sampler and e["nfe"] == nfe and metric in e]
         if v:
-            names.append(row["run"])
+            names.append(name)
             vals.append(v[0])
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 4))
+    longest = max((len(n) for n in names), default=10)
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 2.5 + 0.055 * longest))
     ax.bar(range(len(vals)), vals)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
     ax.set(ylabel=metric, title=f"{metric} per run ({sampler}, {nfe} NFE)")

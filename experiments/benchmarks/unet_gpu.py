@@ -28,7 +28,7 @@ import sys
 import time
 
 import numpy as np
-from bench_log import PARTIAL
+from bench_log import PARTIAL, jax_profile
 from bench_log import emit as _emit
 from bench_log import phase as _phase
 
@@ -135,12 +135,15 @@ def _jax_train_one(jax, jnp, optax, diffusion, schedule, unet, side, batch, args
 
     times = _timeit(run, lambda x: x.block_until_ready(), args.warmup, args.iters)
     s = _summary(times)
+    profile = jax_profile(lambda: run().block_until_ready(), args.profile) if args.profile else None
     stats = jax.devices()[0].memory_stats() or {}
     out = {"compile_s": compile_s, **s, "flops_per_step": flops, "images_per_s": batch / s["median_s"],
            "mfu_vs_989": flops / s["median_s"] / H100_BF16_PEAK,
            "mfu_vs_measured_matmul": flops / s["median_s"] / MEASURED_MATMUL,
            "static_mem_gib": None if static_bytes is None else static_bytes / 2**30,
            "peak_mem_gib_process": stats.get("peak_bytes_in_use", 0) / 2**30}
+    if profile is not None:
+        out["profile"] = profile
     state.clear()
     return out
 
@@ -409,6 +412,8 @@ def main():
     p.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"),
                    help="U-Net attention kernel: cuDNN flash attention (GPU) or XLA's")
     p.add_argument("--tiny", action="store_true", help="tiny models: a CPU smoke run of the JAX parts")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="jax_train: also trace N steps and record the time per op kind (host and device)")
     args = p.parse_args()
     PARTIAL.append(args.out + ".partial.jsonl")
     t0 = time.time()

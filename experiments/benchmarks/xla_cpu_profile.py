@@ -13,25 +13,16 @@ are grouped by their name without its numeric suffix.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
-import re
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import unet_cpu  # noqa: E402  (sets LDM_JAX_XLA_CPU_DEFAULTS=0 before ldm_jax is imported)
+from bench_log import jax_profile  # noqa: E402
 from unet_cpu import VARIANTS, jax_cases, jax_model, race, torch_fns, torch_model  # noqa: E402
-
-
-def _kind(name: str) -> str:
-    """Op kind of a trace event: its name without the numeric suffix ("dot.518" -> "dot")."""
-    return re.sub(r"[._-]?\d+$", "", name.split(":")[0].strip()) or name
 
 
 def jax_step(batch: int, variant: str):
@@ -42,38 +33,6 @@ def jax_step(batch: int, variant: str):
     sizes = argparse.Namespace(train_batches=(batch,), forward_batches=(), sample_batches=(), steps=1)
     step, info = jax_cases(unet, params, diffusion.get_schedule("scaled_linear"), variant, sizes)[("train", batch)]
     return step, info["compile_s"], (cfg, params)
-
-
-def jax_profile(step, iters: int) -> dict:
-    """Total time per op kind (ms per step) from a perfetto trace of `iters` steps."""
-    import jax
-
-    d = tempfile.mkdtemp(prefix="xla_prof_")
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        for _ in range(iters):
-            step()
-    files = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        return {"error": f"no perfetto trace under {d}"}
-    with gzip.open(files[0]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    by_kind, by_name = collections.Counter(), collections.Counter()
-    threads = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        name = e.get("name", "")
-        if name.startswith(("$", "PjRt", "Thunk", "ThunkExecutor", "TfrtCpu", "jit_", "Execute")):
-            threads["__runtime__:" + name.split(":")[0][:40]] += e["dur"]
-            continue
-        by_kind[_kind(name)] += e["dur"]
-        by_name[name[:80]] += e["dur"]
-        threads[e.get("tid")] += e["dur"]
-    ms = lambda us: us / 1000.0 / iters
-    return {"by_kind_ms": {k: round(ms(v), 2) for k, v in by_kind.most_common()},
-            "top_ops_ms": {k: round(ms(v), 2) for k, v in by_name.most_common(40)},
-            "busy_ms_per_thread": {str(k): round(ms(v), 1) for k, v in threads.most_common(12)}}
 
 
 def torch_profile(cfg, params, batch: int, iters: int, threads: int) -> dict:

@@ -90,7 +90,10 @@ def get_config(arg=None):
     )
     if arg == "fashion_mnist":  # the second dataset: the headline settings and the scaled_linear pair, one seed
         c.sweep.zip = _zip(_HEADLINE + _ZERO_SNR_PAIR)
-        c.sweep.product, c.sweep.extra, c.sweep.first = {}, (), ()
+        c.sweep.product, c.sweep.extra = {}, ()
+        # the scaled_linear pair first: the brightness-bias test is what this dataset adds to the shapes study
+        c.sweep.first = tuple(dict(diffusion=dict(sched, prediction=pred, weighting=w))
+                              for sched, pred, w in _ZERO_SNR_PAIR)
         c.sweep.eval.num_samples = 500  # FD-FMNIST needs hundreds of images, not the shapes checker's 36
         c.sweep.eval.nfes = (20,)  # each FD point costs minutes; the NFE axis is the samplers variant's job
     if arg == "samplers":  # the sampler comparison: two settings, every sampler at 10 / 20 / 50 NFE, ddim at 100

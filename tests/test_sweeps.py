@@ -99,6 +99,17 @@ def test_runner_resumes_splits_hosts_and_reports(tmp_path):
            for i in range(2)]
     assert len(got[1]) == 2 and {r["run"] for r in read_results(str(split))} == {r["run"] for r in rows}
 
+    # a metric added later: the finished runs are evaluated again, their training fields kept, nothing trained
+    from ldm_jax.sweeps.runner import reevaluate
+
+    before = {r["run"]: r for r in read_results(str(tmp_path))}
+    again = reevaluate(c, str(tmp_path), eval_fn=lambda *a, **k: {**_fake_eval(*a, **k), "new": 1.0})
+    assert len(again) == 2 and len(calls) == 2
+    for row in again:
+        assert all(e["new"] == 1.0 for e in row["evals"]) and len(row["evals"]) == 5
+        assert row["train_minutes"] == before[row["run"]]["train_minutes"]
+        assert [e["fd"] for e in row["evals"]] == [e["fd"] for e in before[row["run"]]["evals"]]
+
     report = render_report(str(tmp_path))
     text = open(report).read()
     assert "| schedule=linear | 0.6667 |" in text and "![loss curves](loss_curves.png)" in text
@@ -209,9 +220,9 @@ def test_fashion_mnist_evaluation_scores_real_images_close_and_blank_images_far(
     from ldm_jax.eval.fmnist_net import load_fashion_mnist
     from ldm_jax.sweeps.stages import evaluate_run
 
-    real, _ = load_fashion_mnist("test")
-    rng = np.random.default_rng(0)
-    picks = real[rng.permutation(len(real))[:300], ..., None]
+    real, labels = load_fashion_mnist("test")
+    # image i of the class the i-th prompt names (the prompts cycle through the 10 classes)
+    picks = np.stack([real[labels == i % 10][i // 10] for i in range(300)])[..., None]
     mean = float(np.mean(real / 255.0))
     config = base_config()
     config.data.name = "fashion_mnist"
@@ -224,3 +235,12 @@ def test_fashion_mnist_evaluation_scores_real_images_close_and_blank_images_far(
     good, blank = run(picks), run(np.zeros_like(picks))
     assert good["brightness_gap"] < 0.02 and abs(blank["brightness_gap"] - mean) < 1e-6
     assert good["fd_fmnist"] < 0.2 * blank["fd_fmnist"], (good, blank)
+    # per class: real images of the prompted classes reproduce each class's brightness, black ones none of it
+    assert good["class_brightness_gap"] < 0.02 and abs(good["brightness_slope"] - 1.0) < 0.15, good
+    class_means = [np.mean(real[labels == c] / 255.0) for c in range(10)]
+    assert blank["class_brightness_gap"] == pytest.approx(np.mean(class_means), abs=1e-6)
+    assert abs(blank["brightness_slope"]) < 1e-9
+    from ldm_jax.sweeps.stages import class_brightness
+    squeezed = class_brightness(np.tile(np.round(255 * (0.5 * np.array(class_means) + 0.1)), 3).astype(np.uint8)
+                                .reshape(30, 1, 1, 1), np.arange(30) % 10, np.array(class_means))
+    assert squeezed["brightness_slope"] == pytest.approx(0.5, abs=0.02)  # a range halved towards the middle

@@ -8,7 +8,8 @@ over hosts (host I takes runs I, I+N, ...); ``--prepare_only`` trains the shared
 shared latent cache, then stops (run it once before starting several hosts on one machine or file system);
 ``--report_only`` re-renders the report. ``--reuse_from=OTHER_SWEEP_DIR`` evaluates the runs that another
 sweep already trained with the same training config from there (and uses its data and autoencoder), e.g.
-the sampler study on the schedule study's checkpoints.
+the sampler study on the schedule study's checkpoints. ``--reevaluate`` evaluates the finished runs again at
+every point and rewrites their rows (after a metric was added), training nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Only train the shared 
                                    "latent cache (once, before several hosts start).")
 _REUSE = flags.DEFINE_string("reuse_from", None, "Another sweep's directory: its finished runs with the same "
                              "training config are evaluated from there instead of trained again.")
+_REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate the finished runs again (e.g. after a metric was "
+                                 "added) and rewrite their rows; trains nothing.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only re-render report.md from results.jsonl.")
 
 
@@ -44,6 +47,7 @@ def main(argv):
     if "sweep" not in config:
         fail("the config has no `sweep` section: use an ablation config (configs/ablation_*.py)")
     from ldm_jax.sweeps import expand, render_report, run_sweep, stages
+    from ldm_jax.sweeps.runner import reevaluate
     from ldm_jax.types import ConfigError
 
     try:
@@ -56,8 +60,12 @@ def main(argv):
             if _PREPARE_ONLY.value:
                 print(f"sweep: autoencoder and shared data ready in {workdir}", flush=True)
                 return
-            run_sweep(config, workdir, train_fn=stages.train_fn, eval_fn=stages.make_eval_fn(config.sweep.get("eval")),
-                      host_index=_HOST.value, num_hosts=_HOSTS.value, reuse_from=_REUSE.value)
+            eval_fn = stages.make_eval_fn(config.sweep.get("eval"))
+            if _REEVALUATE.value:
+                reevaluate(config, workdir, eval_fn=eval_fn)
+            else:
+                run_sweep(config, workdir, train_fn=stages.train_fn, eval_fn=eval_fn, host_index=_HOST.value,
+                          num_hosts=_HOSTS.value, reuse_from=_REUSE.value)
         path = render_report(workdir, title=str(config.sweep.get("title", "Sweep report")),
                              primary=config.sweep.get("eval", {}).get("primary") or None)
     except stages.Interrupted as e:

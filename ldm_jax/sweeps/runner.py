@@ -7,6 +7,9 @@ and writes ``results.host<i>.jsonl``; the report merges them.
 config (the same overrides, and the saved config equal up to paths and evaluation settings) is evaluated
 from there instead of being trained again, e.g. a sampler study on the checkpoints of a schedule study. The
 other sweep's directory is only read.
+
+``reevaluate`` evaluates the finished runs again (e.g. after a metric was added) and rewrites their rows in
+place; it trains nothing.
 """
 
 from __future__ import annotations
@@ -158,4 +161,33 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
             f.write(json.dumps(row) + "\n")
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
         json.dump({"runs": [r.name for r in runs], "evals": points}, f, indent=1)
+    return read_results(workdir)
+
+
+def reevaluate(config, workdir: str, *, eval_fn: EvalFn) -> list[dict]:
+    """Evaluates every finished run of ``config.sweep`` in `workdir` again at the sweep's points and replaces
+    the evaluations in its row (training fields kept). Rows of runs the spec no longer has are left alone."""
+    runs = {r.name: r for r in expand(config)}
+    points = eval_points(config.sweep.get("eval", {}))
+    for path in results_files(workdir):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        fresh = {}
+        for row in rows:
+            run = runs.get(row["run"])
+            if run is None:
+                continue
+            run_dir = row["workdir"] if os.path.isdir(row["workdir"]) else os.path.join(workdir, "runs", run.name)
+            logging.info("sweep: evaluating %s again", run.name)
+            t0, evals = time.time(), []
+            for sampler, nfe in points:
+                metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
+                evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
+            fresh[row["run"]] = {**row, "evals": evals, "eval_minutes": (time.time() - t0) / 60}
+        # read again before replacing: another host may have appended a row meanwhile
+        with open(path) as f:
+            current = [json.loads(line) for line in f if line.strip()]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(fresh.get(r["run"], r)) + "\n" for r in current)
+        os.replace(path + ".tmp", path)
     return read_results(workdir)

@@ -10,8 +10,12 @@ but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step pe
   ``mean_acc``, and
   ``brightness_gap`` = |mean generated pixel - mean pixel of the test split| (in [0, 1] units), the
   mean-brightness bias that zero-terminal-SNR addresses (Lin et al. 2023);
-- fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images) and the same
-  ``brightness_gap`` (the test images' mean pixel is ~0.29: dark backgrounds).
+- fashion_mnist: FD-FMNIST against the test split (``sweep.eval.num_samples`` images), the same
+  ``brightness_gap`` (the test images' mean pixel is ~0.29: dark backgrounds), and per class (the prompts
+  cycle through the 10 classes, whose mean pixels range from ~0.13 to ~0.43):
+  ``class_brightness_gap`` = mean over classes of |generated - test mean pixel of that class|, and
+  ``brightness_slope`` = the least-squares slope of the generated class means against the test ones (1: the
+  classes' brightness reproduced; < 1: pulled towards a middle brightness, the bias Lin et al. describe).
 """
 
 from __future__ import annotations
@@ -108,6 +112,21 @@ def _data_mean(config, count: int = 512) -> float:
     return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
 
 
+def fmnist_class_means() -> np.ndarray:
+    """Mean pixel (in [0, 1]) of each class of the Fashion-MNIST test split, in label order."""
+    from ldm_jax.eval.fmnist_net import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return np.array([np.mean(images[labels == c] / 255.0) for c in range(10)])
+
+
+def class_brightness(images: np.ndarray, labels: np.ndarray, real_means: np.ndarray) -> dict:
+    """``class_brightness_gap`` and ``brightness_slope`` (module doc) of uint8 `images` of classes `labels`."""
+    gen = np.array([np.mean(images[labels == c] / 255.0) for c in range(len(real_means))])
+    slope = np.polyfit(real_means, gen, 1)[0]
+    return {"class_brightness_gap": float(np.mean(np.abs(gen - real_means))), "brightness_slope": float(slope)}
+
+
 def _fmnist_real_stats():
     """Feature statistics of the 10k Fashion-MNIST test images (the FD-FMNIST reference)."""
     from ldm_jax.eval.callback import reference_stats
@@ -176,6 +195,7 @@ def evaluate_run(config, run_dir: str, *, sampler: str, nfe: int, guidance_scale
         images = np.concatenate([generator(params, prompts[i:i + 100], seed=i, **opts) for i in range(0, n, 100)])
         fake, _ = reference_stats(fmnist_feature_fn(), images)
         out["fd_fmnist"] = stats_distance(_fmnist_real_stats() if real_stats is None else real_stats, fake)
+        out.update(class_brightness(images, np.arange(n) % 10, fmnist_class_means()))
     else:
         raise ConfigError(f"no sweep metric for dataset '{dataset}': use shapes or fashion_mnist")
     mean = _data_mean(config) if data_mean is None else data_mean

@@ -100,6 +100,14 @@ def main():
     for key in sorted(by):
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                      + " | ".join(fmt([ev(r, s, n, "brightness_gap") for r in by[key]], 3) for s, n in points) + " |")
+    if not shapes:  # per class: the brightness range of the 10 classes (Lin et al.'s bias flattens it)
+        lines += ["", "## Brightness per class: class gap / slope (generated vs test class mean pixels; 1 = kept)",
+                  "", "| schedule | prediction | weighting | " + " | ".join(f"{s}@{n}" for s, n in points) + " |",
+                  "|" + "---|" * (len(points) + 3)]
+        for key in sorted(by):
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(
+                f"{fmt([ev(r, s, n, 'class_brightness_gap') for r in by[key]], 3)} / "
+                f"{fmt([ev(r, s, n, 'brightness_slope') for r in by[key]])}" for s, n in points) + " |")
     sampler, nfe = max(points, key=lambda p: (p[0] == "dpmpp_2m", p[1] == 20, p[1]))
     if shapes:
         lines += ["", f"## Attribute accuracies ({sampler} {nfe} NFE)", "",

@@ -92,18 +92,30 @@ def config_differences(config: dict, saved: dict) -> list[str]:
     return _differences(_training_view(config), _training_view(saved))
 
 
-def reusable_run(run: Run, row: dict) -> str | None:
-    """Why the run `row` of another sweep cannot stand in for `run` (None when it can): its checkpoint must
-    have reached the run's last step and its saved config must train the same thing."""
+def trained_differently(config, workdir: str) -> str | None:
+    """Why the finished training in `workdir` cannot stand in for one with `config` (None when it can): its
+    newest checkpoint must have reached ``config.train.num_steps`` and its saved config must train the same."""
     from ldm_jax.training.checkpoint import read_config
 
-    folder = os.path.join(row["workdir"], "checkpoints")
-    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-    last = int(run.config.train.num_steps)
-    if not steps or max(steps) < last:
-        return f"no checkpoint at step {last} in {row['workdir']}"
-    diff = config_differences(json.loads(run.config.to_json_best_effort()), read_config(row["workdir"], max(steps)))
-    return f"trained with different {', '.join(diff[:5])}" if diff else None
+    last = int(config.train.num_steps)
+    try:
+        saved = read_config(workdir)
+    except FileNotFoundError:
+        return f"no checkpoint in {workdir}"
+    step = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    if step < last:
+        return f"its checkpoint in {workdir} stopped at step {step} of {last}"
+    diff = config_differences(json.loads(config.to_json_best_effort()), saved)
+    return f"{workdir} was trained with different {', '.join(diff[:5])}" if diff else None
+
+
+def _evaluate(run: Run, run_dir: str, eval_fn: EvalFn, points) -> tuple[list[dict], float]:
+    """(one row entry per (sampler, NFE) point, minutes taken)."""
+    t0, evals = time.time(), []
+    for sampler, nfe in points:
+        metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
+        evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
+    return evals, (time.time() - t0) / 60
 
 
 def _overrides_key(overrides) -> str:
@@ -117,12 +129,9 @@ def _run_one(run: Run, run_dir: str, train_fn: TrainFn, eval_fn: EvalFn, points,
         train_minutes = (time.time() - t0) / 60
     else:  # trained by another sweep: evaluated from its directory, its training time recorded
         run_dir, train_minutes = reused["workdir"], reused.get("train_minutes")
-    t1, evals = time.time(), []
-    for sampler, nfe in points:
-        metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
-        evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
+    evals, eval_minutes = _evaluate(run, run_dir, eval_fn, points)
     row = {"run": run.name, "overrides": {k: v for k, v in run.overrides}, "workdir": run_dir,
-           "train_minutes": train_minutes, "eval_minutes": (time.time() - t1) / 60,
+           "train_minutes": train_minutes, "eval_minutes": eval_minutes,
            "final_loss": _final_loss(run_dir), "evals": evals}
     return row if reused is None else {**row, "reused_from": reused["workdir"]}
 
@@ -151,7 +160,7 @@ def run_sweep(config, workdir: str, *, train_fn: TrainFn, eval_fn: EvalFn, host_
             logging.info("sweep: %s already finished, skipping", run.name)
             continue
         reused = others.get(_overrides_key(run.overrides))
-        if reused is not None and (why := reusable_run(run, reused)):
+        if reused is not None and (why := trained_differently(run.config, reused["workdir"])):
             logging.warning("sweep: not reusing %s from %s: %s; training it here", run.name, reuse_from, why)
             reused = None
         logging.info("sweep: run %d/%d %s%s", k + 1, len(mine), run.name,
@@ -179,11 +188,8 @@ def reevaluate(config, workdir: str, *, eval_fn: EvalFn) -> list[dict]:
                 continue
             run_dir = row["workdir"] if os.path.isdir(row["workdir"]) else os.path.join(workdir, "runs", run.name)
             logging.info("sweep: evaluating %s again", run.name)
-            t0, evals = time.time(), []
-            for sampler, nfe in points:
-                metrics = eval_fn(run.config, run_dir, sampler=sampler, num_steps=int(nfe))
-                evals.append({"sampler": sampler, "nfe": int(nfe), **{k: float(v) for k, v in metrics.items()}})
-            fresh[row["run"]] = {**row, "evals": evals, "eval_minutes": (time.time() - t0) / 60}
+            evals, minutes = _evaluate(run, run_dir, eval_fn, points)
+            fresh[row["run"]] = {**row, "evals": evals, "eval_minutes": minutes}
         # read again before replacing: another host may have appended a row meanwhile
         with open(path) as f:
             current = [json.loads(line) for line in f if line.strip()]

@@ -20,7 +20,7 @@ but one on the last, so it gets ``(nfe + 1) // 2`` steps; the others one step pe
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 import numpy as np
@@ -44,26 +44,6 @@ def _check_finished(state, config, what: str) -> None:
                           "recorded for it: rerun the same command to resume")
 
 
-def _reuse_autoencoder(ae, ae_dir: str) -> None:
-    """Checks that another sweep's autoencoder in `ae_dir` is finished and trained from the same config."""
-    from ldm_jax.sweeps.runner import config_differences
-    from ldm_jax.training.checkpoint import read_config
-
-    try:
-        saved = read_config(ae_dir)
-    except FileNotFoundError:
-        raise ConfigError(f"--reuse_from: no trained autoencoder in {ae_dir}: point it at a sweep directory whose "
-                          "autoencoder finished") from None
-    diff = config_differences(json.loads(ae.to_json_best_effort()), saved)
-    if diff:
-        raise ConfigError(f"--reuse_from: the autoencoder in {ae_dir} was trained with different {', '.join(diff[:5])}"
-                          "; reuse only a sweep of the same autoencoder config, or drop --reuse_from")
-    step = max(int(n) for n in os.listdir(os.path.join(ae_dir, "checkpoints")) if n.isdigit())
-    if step < int(ae.train.num_steps):
-        raise ConfigError(f"--reuse_from: the autoencoder in {ae_dir} stopped at step {step} of "
-                          f"{int(ae.train.num_steps)}: finish that sweep first")
-
-
 def prepare(config, workdir: str, reuse_from: str | None = None):
     """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data.
     With `reuse_from` (another sweep's directory) that sweep's data and finished autoencoder are used instead,
@@ -82,7 +62,11 @@ def prepare(config, workdir: str, reuse_from: str | None = None):
             ae[section][field] = value
         ae_dir = os.path.join(home, "autoencoder")
         if reuse_from:
-            _reuse_autoencoder(ae, ae_dir)
+            from ldm_jax.sweeps.runner import trained_differently
+
+            if why := trained_differently(ae, ae_dir):
+                raise ConfigError(f"--reuse_from: the shared autoencoder cannot be reused: {why}; reuse a sweep "
+                                  "of the same, finished autoencoder, or drop --reuse_from")
         else:
             _check_finished(run(ae, ae_dir), ae, "the shared autoencoder")
         config.model.vae.workdir = ae_dir
@@ -112,6 +96,7 @@ def _data_mean(config, count: int = 512) -> float:
     return float(np.mean((heldout_images(config, count) + 1.0) / 2.0))
 
 
+@functools.cache
 def fmnist_class_means() -> np.ndarray:
     """Mean pixel (in [0, 1]) of each class of the Fashion-MNIST test split, in label order."""
     from ldm_jax.eval.fmnist_net import load_fashion_mnist

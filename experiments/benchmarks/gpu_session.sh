@@ -3,16 +3,18 @@
 # repository root with the wheels of what the device image lacks in .whl/ (diffusers for the PyTorch rows,
 # `pip download --no-deps ... -d .whl diffusers==0.42.1`; experiments/benchmarks/README.md), results to $OUT.
 #
-#   PARTS="profile remat sample torch" bash experiments/benchmarks/gpu_session.sh
+#   PARTS="profile padded sample" bash experiments/benchmarks/gpu_session.sh    # one call (<= 600 s)
+#   PARTS="remat torch" bash experiments/benchmarks/gpu_session.sh              # a second one if time is left
 #
 # Parts, in order of what the README still lacks most (each under its own time limit, LIMIT_<part> seconds):
 #   profile  SD-1.5 bf16 training step at 64x64 latents, batch 32, no remat, with a per-op trace of 3 steps
 #            (what keeps MFU at 28.5%)                                                        ~150 s
+#   padded   the profiled step with cross-attention on cuDNN too (keys padded 77 -> 128, masked) ~150 s
 #   remat    the same step with remat at batch 32                                              ~150 s
 #   sample   512x512 50-step guided DDIM, batch 1 and 8, cuDNN attention                       ~150 s
 #   torch    diffusers' UNet2DConditionModel: training step at 64x64 batch 16, 50-step sampling ~150 s
 set -u
-PARTS=${PARTS:-profile remat sample torch}
+PARTS=${PARTS:-profile padded sample}
 OUT=${OUT:-/tmp/gpu_bench}
 PY=${PYTHON:-python3}
 B=experiments/benchmarks/unet_gpu.py
@@ -35,10 +37,11 @@ part() {  # part NAME DEFAULT_LIMIT ARGS...: runs unet_gpu.py under a limit, its
 for p in $PARTS; do
   case $p in
     profile) part profile 200 jax_train --remat=off --batches="64:32" --warmup=2 --iters=5 --profile=3 ;;
+    padded) part padded 200 jax_train --remat=off --batches="64:32" --warmup=2 --iters=5 --attention=cudnn_padded ;;
     remat) part remat 200 jax_train --remat=on --batches="64:32" --warmup=2 --iters=5 ;;
     sample) part sample 200 jax_sample --iters_sample=2 ;;
     torch) part torch_train 150 torch_train --batches="64:16" --warmup=2 --iters=5
            part torch_sample 150 torch_sample --iters_sample=2 ;;
-    *) echo "unknown part '$p': use profile, remat, sample or torch"; exit 2 ;;
+    *) echo "unknown part '$p': use profile, padded, remat, sample or torch"; exit 2 ;;
   esac
 done

@@ -409,8 +409,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--iters_sample", type=int, default=3)
-    p.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"),
-                   help="U-Net attention kernel: cuDNN flash attention (GPU) or XLA's")
+    p.add_argument("--attention", default="cudnn", choices=("cudnn", "cudnn_padded", "xla"),
+                   help="U-Net attention kernel: cuDNN flash attention (GPU) where cuDNN takes the shapes, also for "
+                        "cross-attention with its 77 keys padded to 128 (cudnn_padded), or XLA's")
     p.add_argument("--tiny", action="store_true", help="tiny models: a CPU smoke run of the JAX parts")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="jax_train: also trace N steps and record the time per op kind (host and device)")

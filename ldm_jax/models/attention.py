@@ -36,9 +36,18 @@ def dot_product_attention(
 
     `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
     `implementation`: None (let JAX choose; on CPU the explicit form, which XLA:CPU runs faster), "cudnn" (the
-    flash kernel wherever cuDNN accepts the shapes, XLA for the rest, e.g. cross-attention to 77 tokens), "xla",
-    or "explicit" (heads-major einsums with a float32 softmax; always available).
+    flash kernel wherever cuDNN accepts the shapes, XLA for the rest, e.g. cross-attention to 77 tokens),
+    "cudnn_padded" (as "cudnn", and keys of other lengths zero-padded to a multiple of 64 and masked by length
+    so that cross-attention runs on the flash kernel too), "xla", or "explicit" (heads-major einsums with a
+    float32 softmax; always available).
     """
+    if implementation == "cudnn_padded":
+        if mask is None and not is_causal and q.shape[1] % 64 == 0:
+            try:
+                return length_padded_attention(q, k, v, implementation="cudnn")
+            except (ValueError, NotImplementedError, TypeError, RuntimeError):  # no cuDNN (CPU, TPU)
+                pass
+        implementation = "cudnn"
     if implementation == "cudnn" and (q.shape[1] % 64 or k.shape[1] % 64):
         # decided from the shapes, not only by catching cuDNN's refusal: under remat its backward-pass check
         # ("Unsupported sequence length Q 4096, KV 77", H200, jax 0.11.2) fires outside this trace
@@ -62,6 +71,20 @@ def dot_product_attention(
             if implementation is not None:
                 raise
     return _explicit_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+def length_padded_attention(q, k, v, *, implementation: str | None = "cudnn", multiple: int = 64) -> Array:
+    """Attention with keys and values zero-padded to a multiple of `multiple` positions, the padding masked out
+    through `key_value_seq_lengths`: the same function as unpadded attention (padded keys get zero weight and zero
+    gradient), in shapes the cuDNN flash kernel takes (77 text tokens -> 128)."""
+    length = k.shape[1]
+    pad = -length % multiple
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(q, jnp.pad(k, widths), jnp.pad(v, widths), key_value_seq_lengths=lengths,
+                                        implementation=implementation)
 
 
 # bytes of float32 scores one chunk of the batch may hold on CPU (about what the caches keep): in the benchmark

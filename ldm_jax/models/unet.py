@@ -49,7 +49,8 @@ class UNetConfig(FrozenConfig):
     `num_class_embeds` adds a class embedding to the time embedding (the `y` argument).
     `zero_init`: zero the last conv of every residual block, every transformer's proj_out and conv_out,
     so a freshly initialised network starts near the identity / zero output (LDM's zero_module).
-    `attention_impl`: None (XLA), "cudnn" (flash kernel on GPU), "xla" or "explicit".
+    `attention_impl`: None (XLA), "cudnn" (flash kernel on GPU where cuDNN takes the shapes), "cudnn_padded"
+    (also cross-attention, its keys padded to a multiple of 64), "xla" or "explicit".
     """
 
     in_channels: int = 4
@@ -93,9 +94,9 @@ class UNetConfig(FrozenConfig):
                 raise ConfigError(f"UNetConfig: channels {c} not divisible by {h} attention heads")
         canonical_dtype(self.dtype)
         canonical_dtype(self.param_dtype)
-        if self.attention_impl not in (None, "cudnn", "xla", "explicit"):
-            raise ConfigError(
-                f"UNetConfig.attention_impl={self.attention_impl!r}: use None, 'cudnn', 'xla' or 'explicit'"
+        if self.attention_impl not in (None, "cudnn", "cudnn_padded", "xla", "explicit"):
+            raise ConfigError(f"UNetConfig.attention_impl={self.attention_impl!r}: use None, 'cudnn', "
+                              "'cudnn_padded', 'xla' or 'explicit'"
             )
 
     @property

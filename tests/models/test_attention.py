@@ -17,7 +17,7 @@ def _reference(q, k, v, mask=None):
     return np.einsum("bhqk,bkhd->bqhd", w, v)
 
 
-@pytest.mark.parametrize("impl", [None, "xla", "explicit", "cudnn"])
+@pytest.mark.parametrize("impl", [None, "xla", "explicit", "cudnn", "cudnn_padded"])
 def test_attention_matches_formula(impl):
     """"cudnn" falls back to XLA where cuDNN cannot run (here: no GPU; on GPU: e.g. 77-token keys)."""
     rng = np.random.default_rng(0)
@@ -28,6 +28,10 @@ def test_attention_matches_formula(impl):
     got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=jnp.asarray(mask),
                                 implementation=impl)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    if impl in ("cudnn", "cudnn_padded"):  # unmasked, 64 queries: the padded path's own shapes, here its fallback
+        q64 = rng.normal(size=(2, 64, 3, 8)).astype(np.float32)
+        got = dot_product_attention(jnp.asarray(q64), jnp.asarray(k), jnp.asarray(v), implementation=impl)
+        np.testing.assert_allclose(np.asarray(got), _reference(q64, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -67,3 +71,27 @@ def test_batch_chunked_cpu_attention_matches_formula_and_gradients(is_causal):
     # the default CPU path goes through the chunked form (no mask)
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, is_causal=is_causal)),
                                np.asarray(fn(q, k, v)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [7, 64, 77])
+def test_length_padded_attention_is_the_same_function(length):
+    """Keys padded to a multiple of 64 and masked by length (what "cudnn_padded" hands cuDNN, run here through
+    jax's XLA path with the same `key_value_seq_lengths` arguments): same values as unpadded attention, and
+    the same gradients for q, k and v (nothing leaks into or out of the padded positions)."""
+    import jax
+
+    from ldm_jax.models.attention import _explicit_attention, length_padded_attention
+
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(3, 64, 2, 8)).astype(np.float32))
+    k, v = (jnp.asarray(rng.normal(size=(3, length, 2, 8)).astype(np.float32)) for _ in range(2))
+    got = length_padded_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), _reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * jnp.arange(8.0))
+    padded = jax.grad(loss(lambda *a: length_padded_attention(*a, implementation="xla")), argnums=(0, 1, 2))(q, k, v)
+    plain = jax.grad(loss(_explicit_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(padded, plain):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)

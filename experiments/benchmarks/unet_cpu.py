@@ -596,7 +596,7 @@ def render_table(res: dict) -> str:
         for r in vae:
             ratio = f"{r['ratio_torch_eager']:.2f}x" if "ratio_torch_eager" in r else ""
             lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['op']} | {r['contestant']} | "
-                         f"{r['median_s']:.3f} | {r['images_per_s']:.1f} | {100 * r['fraction_of_peak']:.1f}% | "
+                         f"{r['median_s']:.3f} | {r['images_per_s']:.3g} | {100 * r['fraction_of_peak']:.1f}% | "
                          f"{ratio} | {r['max_abs_diff_vs_torch']:.1e} |")
     return "\n".join(lines)
 

@@ -34,6 +34,20 @@ def setting(overrides: dict) -> tuple[str, str, str]:
     return sched, overrides.get("diffusion.prediction", "-"), overrides.get("diffusion.weighting", "-")
 
 
+SCHEDULE_ORDER = ("linear", "scaled_linear", "cosine", "sigmoid", "edm")
+
+
+def schedule_order(name: str) -> tuple:
+    """Table order: the schedule family as in the config, then its variants (shift, zero-SNR)."""
+    base = name.split(" ")[0]
+    return (SCHEDULE_ORDER.index(base) if base in SCHEDULE_ORDER else len(SCHEDULE_ORDER), name)
+
+
+def setting_order(key: tuple[str, str, str]) -> tuple:
+    sched, pred, weighting = key
+    return schedule_order(sched), pred, weighting != "uniform"
+
+
 def training_metrics(run_dir: str) -> dict:
     """{"loss": [(step, loss)], "adherence": {step: {color_acc, ...}}, "fd": {step: FD-FMNIST}} from a run's
     metrics.jsonl."""
@@ -88,7 +102,7 @@ def main():
              + " at the end of training; `gap` = |mean generated pixel - mean test pixel| (0..1).", ""]
     head = "| schedule | prediction | weighting | seeds | " + " | ".join(f"{label} {s}@{n}" for s, n in points)
     lines += [head + " | gap (mean over samplers) | final loss |", "|" + "---|" * (len(points) + 6)]
-    for key in sorted(by):
+    for key in sorted(by, key=setting_order):
         rs = by[key]
         cells = [fmt([ev(r, s, n, metric) for r in rs], 2 if shapes else 1) for s, n in points]
         gaps = [np.nanmean([ev(r, s, n, "brightness_gap") or np.nan for s, n in points]) for r in rs]
@@ -97,14 +111,14 @@ def main():
     lines += ["", "## Brightness gap per sampler x NFE", "",
               "| schedule | prediction | weighting | " + " | ".join(f"gap {s}@{n}" for s, n in points) + " |",
               "|" + "---|" * (len(points) + 3)]
-    for key in sorted(by):
+    for key in sorted(by, key=setting_order):
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                      + " | ".join(fmt([ev(r, s, n, "brightness_gap") for r in by[key]], 3) for s, n in points) + " |")
     if not shapes:  # per class: the brightness range of the 10 classes (Lin et al.'s bias flattens it)
         lines += ["", "## Brightness per class: class gap / slope (generated vs test class mean pixels; 1 = kept)",
                   "", "| schedule | prediction | weighting | " + " | ".join(f"{s}@{n}" for s, n in points) + " |",
                   "|" + "---|" * (len(points) + 3)]
-        for key in sorted(by):
+        for key in sorted(by, key=setting_order):
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(
                 f"{fmt([ev(r, s, n, 'class_brightness_gap') for r in by[key]], 3)} / "
                 f"{fmt([ev(r, s, n, 'brightness_slope') for r in by[key]])}" for s, n in points) + " |")
@@ -112,9 +126,32 @@ def main():
     if shapes:
         lines += ["", f"## Attribute accuracies ({sampler} {nfe} NFE)", "",
                   "| schedule | prediction | weighting | colour | shape | position |", "|---|---|---|---|---|---|"]
-        for key in sorted(by):
+        for key in sorted(by, key=setting_order):
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
                          + " | ".join(fmt([ev(r, sampler, nfe, k) for r in by[key]]) for k in ADHERENCE[:3]) + " |")
+
+    # the grid: schedule x (prediction, weighting) at one evaluation point, seed 0 (the seed every setting has)
+    columns = sorted({key[1:] for key in by}, key=lambda c: (c[0], c[1] != "uniform"))
+    schedules = sorted({key[0] for key in by}, key=schedule_order)
+    grid = {key: ev(by[key][0], sampler, nfe, metric) for key in by
+            if int(by[key][0]["overrides"].get("train.seed", 0)) == 0}
+    if len(columns) > 1 and len(schedules) > 1:
+        best = (max if shapes else min)(v for v in grid.values() if v is not None)
+        lines += ["", f"## The grid: {label} ({sampler} {nfe} NFE), seed 0; brightness gap in parentheses", "",
+                  "| schedule | " + " | ".join(f"{pred}, {w}" for pred, w in columns) + " |",
+                  "|" + "---|" * (len(columns) + 1)]
+        for sched in schedules:
+            cells = []
+            for col in columns:
+                r0 = by.get((sched, *col), [None])[0]
+                v = grid.get((sched, *col))
+                if r0 is None or v is None:
+                    cells.append("")
+                    continue
+                cell = f"{v:.2f}" if shapes else f"{v:.1f}"
+                cells.append((f"**{cell}**" if v == best else cell)
+                             + f" ({ev(r0, sampler, nfe, 'brightness_gap'):.3f})")
+            lines.append(f"| {sched} | " + " | ".join(cells) + " |")
 
     def curve(r) -> dict:  # step -> the in-training metric
         if shapes:
@@ -127,7 +164,7 @@ def main():
                                                         if shapes else "FD-FMNIST, 500 images"), "",
               "| schedule | prediction | weighting | " + " | ".join(f"step {s}" for s in steps) + " |",
               "|" + "---|" * (len(steps) + 3)]
-    for key in sorted(by):
+    for key in sorted(by, key=setting_order):
         rs = by[key]
         cells = []
         for s in steps:
@@ -146,12 +183,13 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colour = {sched: plt.get_cmap("tab10")(i % 10) for i, sched in enumerate(schedules)}
     for ax, pred in zip(axes, ("eps", "v")):
-        for c, key in enumerate(sorted(k for k in by if k[1] == pred)):
-            for i, r in enumerate(by[key]):  # one colour per setting, one line per seed
+        for key in sorted((k for k in by if k[1] == pred), key=setting_order):
+            for i, r in enumerate(by[key]):  # one colour per schedule, one line per seed
                 points_ = sorted(curve(r).items())
                 if points_:
-                    ax.plot(*zip(*points_), marker=".", alpha=0.8, color=f"C{c}",
+                    ax.plot(*zip(*points_), marker=".", alpha=0.8, color=colour[key[0]],
                             ls="-" if key[2] == "min_snr" else "--", label=f"{key[0]}, {key[2]}" if i == 0 else None)
         ax.set_title(f"{pred}-prediction (solid: min-SNR, dashed: uniform)", fontsize=9)
         ax.set_xlabel("training step")

@@ -182,7 +182,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
     colour = {sched: plt.get_cmap("tab10")(i % 10) for i, sched in enumerate(schedules)}
     for ax, pred in zip(axes, ("eps", "v")):
         for key in sorted((k for k in by if k[1] == pred), key=setting_order):
@@ -193,7 +193,7 @@ def main():
                             ls="-" if key[2] == "min_snr" else "--", label=f"{key[0]}, {key[2]}" if i == 0 else None)
         ax.set_title(f"{pred}-prediction (solid: min-SNR, dashed: uniform)", fontsize=9)
         ax.set_xlabel("training step")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     axes[0].set_ylabel("mean attribute accuracy (ddim 20, 64 prompts)" if shapes else "FD-FMNIST (ddim 20, 500 images)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "convergence.png"), dpi=110)

@@ -133,24 +133,22 @@ def main():
     # the grid: schedule x (prediction, weighting) at one evaluation point, seed 0 (the seed every setting has)
     columns = sorted({key[1:] for key in by}, key=lambda c: (c[0], c[1] != "uniform"))
     schedules = sorted({key[0] for key in by}, key=schedule_order)
-    grid = {key: ev(by[key][0], sampler, nfe, metric) for key in by
-            if int(by[key][0]["overrides"].get("train.seed", 0)) == 0}
-    if len(columns) > 1 and len(schedules) > 1:
-        best = (max if shapes else min)(v for v in grid.values() if v is not None)
+    seed0 = {key: rs[0] for key, rs in by.items() if int(rs[0]["overrides"].get("train.seed", 0)) == 0}
+    grid = {key: v for key, r in seed0.items() if (v := ev(r, sampler, nfe, metric)) is not None}
+    if len(columns) > 1 and len(schedules) > 1 and grid:
+        best = (max if shapes else min)(grid.values())
         lines += ["", f"## The grid: {label} ({sampler} {nfe} NFE), seed 0; brightness gap in parentheses", "",
                   "| schedule | " + " | ".join(f"{pred}, {w}" for pred, w in columns) + " |",
                   "|" + "---|" * (len(columns) + 1)]
         for sched in schedules:
             cells = []
-            for col in columns:
-                r0 = by.get((sched, *col), [None])[0]
-                v = grid.get((sched, *col))
-                if r0 is None or v is None:
+            for key in ((sched, *col) for col in columns):
+                if key not in grid:
                     cells.append("")
                     continue
-                cell = f"{v:.2f}" if shapes else f"{v:.1f}"
-                cells.append((f"**{cell}**" if v == best else cell)
-                             + f" ({ev(r0, sampler, nfe, 'brightness_gap'):.3f})")
+                cell = f"{grid[key]:.2f}" if shapes else f"{grid[key]:.1f}"
+                cells.append((f"**{cell}**" if grid[key] == best else cell)
+                             + f" ({ev(seed0[key], sampler, nfe, 'brightness_gap'):.3f})")
             lines.append(f"| {sched} | " + " | ".join(cells) + " |")
 
     def curve(r) -> dict:  # step -> the in-training metric

@@ -41,22 +41,19 @@ def dot_product_attention(
     so that cross-attention runs on the flash kernel too), "xla", or "explicit" (heads-major einsums with a
     float32 softmax; always available).
     """
-    if implementation == "cudnn_padded":
-        if mask is None and not is_causal and q.shape[1] % 64 == 0:
+    if implementation in ("cudnn", "cudnn_padded"):
+        # flash kernel where cuDNN takes the shapes, else XLA. Decided from the shapes, not only by catching
+        # cuDNN's refusal: under remat its backward-pass check ("Unsupported sequence length Q 4096, KV 77", H200,
+        # jax 0.11.2) fires outside this trace. "cudnn_padded" makes any key length acceptable by padding.
+        pad_keys = implementation == "cudnn_padded" and mask is None and not is_causal
+        if q.shape[1] % 64 == 0 and (pad_keys or k.shape[1] % 64 == 0):
             try:
-                return length_padded_attention(q, k, v, implementation="cudnn")
-            except (ValueError, NotImplementedError, TypeError, RuntimeError):  # no cuDNN (CPU, TPU)
+                if pad_keys:
+                    return length_padded_attention(q, k, v, implementation="cudnn")
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+            except (ValueError, NotImplementedError, TypeError, RuntimeError):  # e.g. no cuDNN (CPU, TPU)
                 pass
-        implementation = "cudnn"
-    if implementation == "cudnn" and (q.shape[1] % 64 or k.shape[1] % 64):
-        # decided from the shapes, not only by catching cuDNN's refusal: under remat its backward-pass check
-        # ("Unsupported sequence length Q 4096, KV 77", H200, jax 0.11.2) fires outside this trace
         implementation = None
-    if implementation == "cudnn":  # flash kernel where cuDNN takes the shapes (e.g. not KV length 77), else XLA
-        try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
-        except (ValueError, NotImplementedError, TypeError, RuntimeError):
-            implementation = None
     if implementation is None and jax.default_backend() == "cpu":
         # XLA:CPU runs the heads-major einsums below faster than jax.nn's XLA path: forward 3.3 vs 6.5 ms, forward +
         # backward 10.4 vs 14.1 ms for 16 x 256 tokens x 32 channels (experiments/benchmarks/README.md), and

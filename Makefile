@@ -38,7 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)  # CPU benchmarks (~1 h on 2 cores, machine otherwise idle); GPU: experiments/benchmarks/README.md
 	$(PY) experiments/benchmarks/data_throughput.py
-	$(PY) experiments/benchmarks/unet_cpu.py
+	$(PY) experiments/benchmarks/unet_cpu.py --jax_variants=jit,no_ynn --parts=unet --iters_sample=3 --warmup_sample=1
+	$(PY) experiments/benchmarks/unet_cpu.py --jax_variants=no_ynn --parts=sharded --iters_sample=3 --warmup_sample=1 \
+		--out=experiments/benchmarks/unet_cpu_sharded.json
+	$(PY) experiments/benchmarks/unet_cpu.py --parts=vae --out=experiments/benchmarks/vae_cpu.json
 
 clean-demo:
 	rm -rf runs/demo

@@ -38,12 +38,20 @@ _RUNTIME = ("$", "PjRt", "Thunk", "ThunkExecutor", "TfrtCpu", "jit_", "Execute",
             "ParseArguments", "Handle input", "AllocateOutput", "Wait for", "PythonRefManager", "ThreadpoolListener")
 
 
-def jax_profile(step, iters: int) -> dict:
+def hlo_shapes(hlo_text: str) -> dict[str, str]:
+    """{instruction name: result shape} of a compiled program's HLO text, e.g. "dot.581" -> "f32[32,32]"."""
+    return {m.group(1): re.sub(r"\{[^}]*\}", "", m.group(2))
+            for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", hlo_text, re.M)}
+
+
+def jax_profile(step, iters: int, shapes: dict[str, str] | None = None) -> dict:
     """Time per op kind and per op (ms per call of `step`) from a perfetto trace of `iters` calls.
 
     XLA:CPU records one event per executed thunk (fusion, dot, convolution, custom call); on GPU the device
     kernels appear under their own trace process, so ``by_process`` splits the op kinds by process (host
-    threads vs each device) as well. Runtime bookkeeping events are counted apart."""
+    threads vs each device) as well. Runtime bookkeeping events are counted apart. With ``shapes``
+    (`hlo_shapes` of the compiled program), ``by_kind_shape_ms`` splits the largest kinds by the ops' result
+    shapes (ms and number of ops), which tells e.g. a weight gradient's dot from an attention's."""
     import jax
 
     d = tempfile.mkdtemp(prefix="xla_prof_")
@@ -75,7 +83,17 @@ def jax_profile(step, iters: int) -> dict:
     def ms(us):
         return round(us / 1000.0 / iters, 2)
 
-    return {"by_kind_ms": {k: ms(v) for k, v in by_kind.most_common()},
+    extra = {}
+    if shapes:
+        split = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+        for name, us in by_name.items():
+            entry = split[_kind(name)][shapes.get(name, "?")]
+            entry[0] += us
+            entry[1] += 1
+        extra["by_kind_shape_ms"] = {
+            kind: {shape: [ms(us), n] for shape, (us, n) in sorted(split[kind].items(), key=lambda kv: -kv[1][0])[:8]}
+            for kind, _ in by_kind.most_common(12)}
+    return {**extra, "by_kind_ms": {k: ms(v) for k, v in by_kind.most_common()},
             "top_ops_ms": {k: ms(v) for k, v in by_name.most_common(40)},
             "busy_ms_per_thread": {str(k): round(v / 1000.0 / iters, 1) for k, v in threads.most_common(12)},
             "by_process": {p: {k: ms(v) for k, v in c.most_common(25)} for p, c in by_process.items()}}

@@ -253,6 +253,7 @@ def jax_cases(unet, params, schedule, variant: str, args, mesh=None) -> dict:
             state["p"], state["o"], loss = fn(state["p"], state["o"], x0, ctx, key)
             loss.block_until_ready()
 
+        step.compiled = fn  # the executable, for its HLO text (xla_cpu_profile.py)
         out[("train", b)] = (step, {"compile_s": secs, "flops": flops})
     for b in args.forward_batches:
         x = put(jax.random.normal(key, (b, LATENT, LATENT, 4)), data)
@@ -484,13 +485,26 @@ def part_sharded(args) -> dict:
     """The JAX side with the batch over 2 host devices; runs in a child process with its own XLA_FLAGS."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     cmd = [sys.executable, os.path.abspath(__file__), "--_child=sharded", f"--out={args.out}.sharded.json",
-           f"--_partial={PARTIAL[0]}", *[a for a in args.argv if not a.startswith(("--out", "--parts"))]]
+           f"--_partial={PARTIAL[0]}", *_without_options(args.argv, ("--out", "--parts"))]
     _phase("sharded part: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, env={**os.environ, "XLA_FLAGS": flags.strip()})
     with open(f"{args.out}.sharded.json") as f:
         res = json.load(f)
     os.remove(f"{args.out}.sharded.json")
     return res
+
+
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the options `names`, given as --name=value or as --name value."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(f"{n}=" for n in names)):
+            out.append(a)
+    return out
 
 
 def _child_sharded(args) -> dict:
@@ -606,7 +620,7 @@ def _parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unet_cpu.json"))
     p.add_argument("--parts", default="unet,sharded,vae")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 iterations, 5 sampling steps, batch 16")
-    p.add_argument("--jax_variants", default="jit,split2", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--jax_variants", default="jit,no_ynn", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--no_torch_compile", dest="torch_compile", action="store_false")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (cores)")
     p.add_argument("--steps", type=int, default=50)
@@ -649,11 +663,14 @@ def main(argv=None):
         res = {}
         for part in args.parts.split(","):
             res[part] = {"unet": part_unet, "sharded": part_sharded, "vae": part_vae}[part](args)
+    from importlib import metadata
+
     import jax
     import torch
 
     res.update(argv=sys.argv, wall_s=time.time() - t0, host=platform.node(), date=time.strftime("%Y-%m-%d"),
-               jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads(),
+               jax=jax.__version__, torch=torch.__version__, diffusers=metadata.version("diffusers"),
+               torch_threads=torch.get_num_threads(),
                cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""), quick=args.quick)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -7,7 +7,8 @@ XLA compile-option variants.
 
 Variants are unet_cpu.py's (`jit` = XLA's defaults; xla_cpu_profile.json was recorded when it was called
 `default`). XLA:CPU's trace has one event per executed thunk (fusion, dot, convolution, custom call); events
-are grouped by their name without its numeric suffix.
+are grouped by their name without its numeric suffix, and the largest groups split by the ops' result shapes
+(`by_kind_shape_ms`: [ms per step, number of ops]).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import unet_cpu  # noqa: E402  (sets LDM_JAX_XLA_CPU_DEFAULTS=0 before ldm_jax is imported)
-from bench_log import jax_profile  # noqa: E402
+from bench_log import hlo_shapes, jax_profile  # noqa: E402
 from unet_cpu import VARIANTS, jax_cases, jax_model, race, torch_fns, torch_model  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main(argv=None):
             continue
         rec = {"options": VARIANTS[name][0], "compile_s": compile_s, **race({name: step}, 1, args.iters)[name]}
         if not args.no_profile:
-            rec["profile"] = jax_profile(step, 3)
+            rec["profile"] = jax_profile(step, 3, hlo_shapes(step.compiled.as_text()))
         res["variants"][name] = rec
         print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
         _write(args.out, res)

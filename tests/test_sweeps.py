@@ -167,15 +167,21 @@ def test_runner_reuses_identically_trained_runs_of_another_sweep(tmp_path):
 def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     """`ldm-jax sweep` on the tiny ablation: shared autoencoder, 2 LDM runs, ddim/heun evals, report; a rerun
     trains nothing."""
+    import functools
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "ldm_jax", "sweep", "--config=configs/ablation_noise_schedules.py:tiny",
            f"--workdir={tmp_path}"]
-    prep = subprocess.run([*cmd, "--prepare_only"], capture_output=True, text=True, timeout=900)
+    # one persistent compilation cache for the test's processes: the rerun and the reuse study load the first
+    # sweep's compiled evaluation programs instead of compiling them again (they are identical)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "sweep_jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env)
+    prep = run([*cmd, "--prepare_only"], timeout=900)
     assert prep.returncode == 0 and "ready" in prep.stdout, prep.stderr[-3000:]
     assert os.path.isdir(tmp_path / "autoencoder") and not (tmp_path / "results.jsonl").exists()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = run(cmd, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
     assert [r["run"] for r in rows] == ["schedule=linear", "schedule=cosine"]
@@ -193,15 +199,14 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     assert os.path.isdir(tmp_path / "latent_cache")
     assert not any(os.path.exists(tmp_path / "runs" / r / "latent_cache") for r in os.listdir(tmp_path / "runs"))
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    again = run(cmd, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(open(tmp_path / "results.jsonl").read().splitlines()) == 2  # finished runs are skipped
 
     # a second study on the same checkpoints: nothing trains, the first sweep's directory is only read
     before = sorted(os.listdir(tmp_path))
     other = tmp_path.parent / "reuse"
-    reuse = subprocess.run([*cmd[:-1], f"--workdir={other}", f"--reuse_from={tmp_path}"], capture_output=True,
-                           text=True, timeout=900)
+    reuse = run([*cmd[:-1], f"--workdir={other}", f"--reuse_from={tmp_path}"], timeout=900)
     assert reuse.returncode == 0, reuse.stderr[-3000:]
     again_rows = [json.loads(line) for line in open(other / "results.jsonl")]
     assert [r["reused_from"] for r in again_rows] == [str(tmp_path / "runs" / r["run"]) for r in rows]
@@ -209,8 +214,7 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
     assert not (other / "runs").exists() and not (other / "autoencoder").exists()
     assert sorted(os.listdir(tmp_path)) == before
 
-    bad = subprocess.run([*cmd[:4], "--config=configs/shapes_ldm.py:tiny", f"--workdir={tmp_path / 'x'}"],
-                         capture_output=True, text=True, timeout=300)
+    bad = run([*cmd[:4], "--config=configs/shapes_ldm.py:tiny", f"--workdir={tmp_path / 'x'}"], timeout=300)
     assert bad.returncode == 2 and "no `sweep` section" in bad.stderr.strip().splitlines()[-1]
 
 

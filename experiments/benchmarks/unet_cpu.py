@@ -484,27 +484,15 @@ def part_unet(args, mesh=None, torch_too: bool = True) -> dict:
 def part_sharded(args) -> dict:
     """The JAX side with the batch over 2 host devices; runs in a child process with its own XLA_FLAGS."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child=sharded", f"--out={args.out}.sharded.json",
-           f"--_partial={PARTIAL[0]}", *_without_options(args.argv, ("--out", "--parts"))]
+    # the parent's options, then the child's own: argparse keeps the last value of a repeated option
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_child=sharded",
+           f"--out={args.out}.sharded.json", f"--_partial={PARTIAL[0]}"]
     _phase("sharded part: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, env={**os.environ, "XLA_FLAGS": flags.strip()})
     with open(f"{args.out}.sharded.json") as f:
         res = json.load(f)
     os.remove(f"{args.out}.sharded.json")
     return res
-
-
-def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    """argv without the options `names`, given as --name=value or as --name value."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in names:
-            skip = True
-        elif not a.startswith(tuple(f"{n}=" for n in names)):
-            out.append(a)
-    return out
 
 
 def _child_sharded(args) -> dict:

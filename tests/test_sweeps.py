@@ -173,11 +173,9 @@ def test_sweep_cli_end_to_end_with_real_runs(tmp_path):
 
     cmd = [sys.executable, "-m", "ldm_jax", "sweep", "--config=configs/ablation_noise_schedules.py:tiny",
            f"--workdir={tmp_path}"]
-    # one persistent compilation cache for the test's processes: the rerun and the reuse study load the first
-    # sweep's compiled evaluation programs instead of compiling them again (they are identical)
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "sweep_jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env)
+    # the processes share the session's compilation cache (tests/conftest.py): the rerun and the reuse study load
+    # the first sweep's compiled evaluation programs instead of compiling them again (they are identical)
+    run = functools.partial(subprocess.run, capture_output=True, text=True)
     prep = run([*cmd, "--prepare_only"], timeout=900)
     assert prep.returncode == 0 and "ready" in prep.stdout, prep.stderr[-3000:]
     assert os.path.isdir(tmp_path / "autoencoder") and not (tmp_path / "results.jsonl").exists()

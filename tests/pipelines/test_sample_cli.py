@@ -36,7 +36,9 @@ def test_cli_samples_a_workdir_and_writes_metadata(tiny_workdir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# shapes\na red circle\n\na blue square in the top left\n")
     cache = tmp_path / "jax_cache"
-    env = dict(os.environ, LDM_JAX_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # the CLI's own cache location (LDM_JAX_CACHE_DIR), not the one the test session exports
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(LDM_JAX_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     common = [f"--model={tiny_workdir.path}", "--negative-prompt=blurry", "--sampler=euler_ancestral", "--steps=3",
               "--guidance=3.0", "--height=32", "--width=32", "--batch-size=3"]
     out = tmp_path / "out"

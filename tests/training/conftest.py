@@ -1,26 +1,10 @@
-"""Training tests share one persistent XLA compilation cache (also handed to their subprocesses).
-
-Identical programs (the same toy step on the same mesh) then compile once per session instead of once per
-run; the cache only stores compiled executables, so results are unchanged.
-"""
+"""Fixtures of the training tests (the session's compilation cache is tests/conftest.py's)."""
 
 import os
 
-import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    # Under pytest-xdist every worker has its own basetemp inside the session's: share the session's.
-    path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
 
 
 @pytest.fixture

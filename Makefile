@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) -m ldm_jax demo --workdir=runs/demo
 
 test: $(STAMP)
-	$(CPU_DEVICES) $(PY) -m pytest tests -q -n $(JOBS) --dist=loadfile
+	$(CPU_DEVICES) $(PY) -m pytest tests -q -n $(JOBS) --dist=loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ldm_jax configs tests experiments

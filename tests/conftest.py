@@ -34,3 +34,17 @@ def compilation_cache(tmp_path_factory):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # inherited by the subprocesses tests start
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return path
+
+
+# Files that run for minutes (training compiles, CLI subprocesses), longest first. They are moved to the front
+# of the collection so that under pytest-xdist (`--dist=loadfile --no-loadscope-reorder`, see the Makefile)
+# each worker starts on one of them and the many short files fill in around them. xdist's default order
+# (files with the most tests first) left them to the end of the session, where one of them ran alone.
+SLOW_FILES = ("tests/test_sweeps.py", "tests/training/test_stages.py", "tests/models/test_lpips.py",
+              "tests/training/test_loop.py", "tests/pipelines/test_parity.py", "tests/training/test_finetune.py",
+              "tests/eval/test_evaluate_cli.py", "tests/training/test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order

@@ -1,7 +1,7 @@
 # Two commands from a fresh clone: `make demo` (the main job) and `make test` (the suite).
 # Both create or refresh .venv idempotently: the install runs again only when pyproject.toml or this
-# Makefile changed since the last successful install. --no-compile: pip skips byte-compiling every file it
-# installs (~100 s of the ~170 s install on 2 cores); Python compiles the modules it imports, when it imports them.
+# Makefile changed since the last successful install. pip installs with --no-compile; one parallel compileall
+# pass afterwards byte-compiles the environment (install 128 s instead of 171 s on 2 cores).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	# torchvision wheel does not load beside the CPU torch and would break diffusers/transformers imports.
 	$(PY) -m pip install -q --disable-pip-version-check --no-compile --no-deps --upgrade --target $(VENV)/torch-refs \
 		pytorch-fid==0.3.0 torchvision==0.28.0 lpips==0.1.4
+	# One parallel byte-compilation pass instead of pip's serial one (51 s instead of ~100 s on 2 cores), with
+	# PYTHONDONTWRITEBYTECODE unset (some machines set it) so that the .pyc files are written.
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q -j 0 $(VENV)/lib $(VENV)/torch-refs > /dev/null || true
 	@bash scripts/install_system_data.sh || echo "note: Debian's dataset-fashion-mnist not installed"
 	@touch $(STAMP)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.training.checkpoint import Checkpointer, read_config, restore_params
+from ldm_jax.training.checkpoint import Checkpointer, _is_finite, read_config, restore_params
 from ldm_jax.training.optim import tree_all_finite
 from ldm_jax.training.state import create_state
 
@@ -34,8 +34,6 @@ def test_nan_params_are_never_saved_and_bytes_data_state_round_trips(tmp_path, c
         assert not ckpt.save(2, _state(float("nan")), {"next_index": 2})
     assert "NOT checkpointing" in caplog.text and ckpt.all_steps() == [1]
     # the jitted check (multi-host or accelerator arrays) gives the same answers as the host one
-    from ldm_jax.training.checkpoint import _is_finite
-
     for value, finite in ((1.0, True), (float("nan"), False), (float("inf"), False)):
         tree = (_state(value).params, {"step": jnp.int32(3)})
         assert _is_finite(tree) is finite and bool(jax.jit(tree_all_finite)(tree)) is finite

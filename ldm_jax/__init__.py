@@ -11,10 +11,12 @@ from ldm_jax import _xla_cpu
 _xla_cpu.apply()  # XLA:CPU defaults (YNNPACK fusions off); must run before JAX starts its CPU backend
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("diffusion", "models", "convert", "data", "training", "eval", "pipelines")
+_SUBPACKAGES = ("diffusion", "models", "convert", "data", "ldm", "training", "eval", "pipelines")
 
 
 def __getattr__(name):
     if name in _SUBPACKAGES:
         return importlib.import_module(f"ldm_jax.{name}")
+    if name == "LatentDiffusion":  # the model object: ldm_jax.LatentDiffusion.from_pretrained(path)
+        return importlib.import_module("ldm_jax.ldm").LatentDiffusion
     raise AttributeError(f"module 'ldm_jax' has no attribute '{name}'")

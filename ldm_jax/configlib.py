@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-import sys
 
 import ml_collections
 
@@ -122,13 +121,6 @@ def check_overrides(argv: list[str]) -> None:
         _check_type(key, _lookup(cfg, key), raw)
 
 
-def preflight_or_exit(argv: list[str]) -> None:
-    """Entry-point guard: prints the one-line config error and exits 2."""
-    try:
-        check_overrides(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -162,8 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
                    ema=dict(decay=0.999, warmup_steps=100), dtype="float32", remat=False,
                    on_nonfinite="halt")
     c.checkpoint = dict(every_steps=500, keep=3, keep_every=0)
-    c.sample = dict(every_steps=0, prompts=("a red circle in the top left",), sampler="ddim",
-                    num_steps=20, guidance_scale=3.0, seed=0)
+    # sample: ldm_jax.ldm.SampleConfig (training grids; the default settings of evaluation and the CLI).
+    c.sample = dict(every_steps=0, prompts=("a red circle in the top left",), negative_prompt="", sampler="ddim",
+                    num_steps=20, guidance_scale=3.0, seed=0, micro_batch=1)
     c.eval = dict(every_steps=0, metrics=(), num_samples=64)
     # Logical axis rules: the models' parameter/activation axis names -> mesh axes (unlisted names replicate).
     c.mesh = dict(data=-1, fsdp=1,

@@ -3,6 +3,7 @@ training lives with the training tests)."""
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -230,9 +231,9 @@ def test_fashion_mnist_evaluation_scores_real_images_close_and_blank_images_far(
     config.data.name = "fashion_mnist"
 
     def run(images):
-        gen = lambda params, prompts, seed=0, **kw: images[seed:seed + len(prompts)]  # noqa: E731
+        model = types.SimpleNamespace(generate=lambda prompts, seed=0, **kw: images[seed:seed + len(prompts)])
         return evaluate_run(config, "unused", sampler="ddim", nfe=2, guidance_scale=1.0, num_samples=len(images),
-                            loaded=(gen, None), data_mean=mean)
+                            model=model, data_mean=mean)
 
     good, blank = run(picks), run(np.zeros_like(picks))
     assert good["brightness_gap"] < 0.02 and abs(blank["brightness_gap"] - mean) < 1e-6
@@ -242,7 +243,7 @@ def test_fashion_mnist_evaluation_scores_real_images_close_and_blank_images_far(
     class_means = [np.mean(real[labels == c] / 255.0) for c in range(10)]
     assert blank["class_brightness_gap"] == pytest.approx(np.mean(class_means), abs=1e-6)
     assert abs(blank["brightness_slope"]) < 1e-9
-    from ldm_jax.sweeps.stages import class_brightness
+    from ldm_jax.eval.generated import class_brightness
     squeezed = class_brightness(np.tile(np.round(255 * (0.5 * np.array(class_means) + 0.1)), 3).astype(np.uint8)
                                 .reshape(30, 1, 1, 1), np.arange(30) % 10, np.array(class_means))
     assert squeezed["brightness_slope"] == pytest.approx(0.5, abs=0.02)  # a range halved towards the middle

@@ -25,10 +25,9 @@ OPENMOJI_PROMPTS = ("grinning face", "red heart", "dog face", "pizza", "rocket",
                     "thumbs up")
 
 
-def generate(generator, params, prompts, n_per_prompt, *, batch, seed, **options) -> np.ndarray:
-    flat = [p for p in prompts for _ in range(n_per_prompt)]
-    out = [generator(params, flat[i:i + batch], seed=seed + i, **options) for i in range(0, len(flat), batch)]
-    return np.concatenate(out)
+def generate(model, prompts, n_per_prompt, *, batch, seed, **options) -> np.ndarray:
+    """n_per_prompt images of each prompt, prompt by prompt; image i uses seed + i (LatentDiffusion.generate)."""
+    return model.generate(list(prompts), num_images_per_prompt=n_per_prompt, seed=seed, batch_size=batch, **options)
 
 
 def main():
@@ -41,14 +40,15 @@ def main():
     p.add_argument("--guidance_scale", type=float, default=3.0)
     args = p.parse_args()
 
-    from ldm_jax.training.ldm import image_grid, load_generator, save_png
+    from ldm_jax import LatentDiffusion
+    from ldm_jax.images import make_grid, save_png
 
     t0 = time.time()
-    generator, params = load_generator(os.path.join(args.run_dir, "ldm"))
+    model = LatentDiffusion.from_workdir(os.path.join(args.run_dir, "ldm"))
     opts = dict(sampler=args.sampler, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     prompts = FMNIST_PROMPTS if args.dataset == "fashion_mnist" else OPENMOJI_PROMPTS
-    grid = generate(generator, params, prompts, 8, batch=64, seed=0, **opts)
-    save_png(os.path.join(args.run_dir, "samples.png"), image_grid(grid, cols=8))
+    grid = generate(model, prompts, 8, batch=64, seed=0, **opts)
+    save_png(os.path.join(args.run_dir, "samples.png"), make_grid(grid, cols=8))
     result = {"dataset": args.dataset, "prompts": list(prompts), **opts}
     if args.dataset == "fashion_mnist":
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
@@ -56,7 +56,7 @@ def main():
 
         features = fmnist_feature_fn()
         per_class = max(1, args.num_samples // len(prompts))
-        fake = generate(generator, params, prompts, per_class, batch=100, seed=10_000, **opts)
+        fake = generate(model, prompts, per_class, batch=100, seed=10_000, **opts)
         test_images, _ = load_fashion_mnist("test")
         test_images = test_images[..., None]
         real = np.concatenate([features(test_images[i:i + 1000]) for i in range(0, len(test_images), 1000)])

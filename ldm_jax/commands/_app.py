@@ -7,7 +7,8 @@ import sys
 
 from absl import app, flags
 
-from ldm_jax.configlib import preflight_or_exit
+from ldm_jax.configlib import check_overrides
+from ldm_jax.types import ConfigError
 
 
 def normalize(argv: list[str]) -> list[str]:
@@ -26,7 +27,10 @@ def start(main, argv: list[str], *, uses_config: bool = False) -> None:
     if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
         print_help(main)
     if uses_config:
-        preflight_or_exit(argv[1:])
+        try:
+            check_overrides(argv[1:])
+        except ConfigError as e:
+            fail(str(e))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in argv[1:]):
         argv = [*argv, "--verbosity=-1"]  # warnings and errors only (Orbax logs every file at INFO)
@@ -46,7 +50,20 @@ def print_help(main) -> None:
     raise SystemExit(0)
 
 
-def fail(message: str) -> None:
-    """One-line user error and exit status 2 (no traceback)."""
+def fail(message: str, code: int = 2) -> None:
+    """One-line user error and exit status `code` (2; 1 for a halted run), no traceback."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+def run_or_fail(fn, *args, **kwargs):
+    """Calls a library entry (training, the demo, a sweep): a ConfigError becomes one line and exit 2, a
+    non-finite halt one line and exit 1."""
+    from ldm_jax.training.loop import NonFiniteError
+
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        fail(str(e).splitlines()[0] if str(e) else "configuration error")
+    except NonFiniteError as e:
+        fail(str(e), code=1)

@@ -70,22 +70,22 @@ def from_workdir(src: str, dst: str) -> list[str]:
     import ml_collections
 
     from ldm_jax.convert import diffusers as dconv
+    from ldm_jax.ldm import build
+    from ldm_jax.ldm.workdirs import read_config, restore_params
     from ldm_jax.models import unbox
-    from ldm_jax.training import components
-    from ldm_jax.training.checkpoint import read_config, restore_params
 
     config = ml_collections.ConfigDict(read_config(src))
     stage = config.train.stage
     if stage == "autoencoder":
-        dconv.save_vae(os.path.join(dst, "vae"), components.vae_config(config.model.vae),
+        dconv.save_vae(os.path.join(dst, "vae"), build.vae_config(config.model.vae),
                        restore_params(src, ema=True))
         return ["vae"]
     if stage == "ldm":
-        from ldm_jax.training.ldm import build
+        from ldm_jax.ldm import LatentDiffusion
 
-        model, frozen, unet_cfg, _ = build(config)
-        dconv.save_unet(os.path.join(dst, "unet"), model.unet.config, unbox(restore_params(src, ema=True)))
-        dconv.save_vae(os.path.join(dst, "vae"), model.vae.config, frozen["vae"])
+        model = LatentDiffusion.from_workdir(src)
+        dconv.save_unet(os.path.join(dst, "unet"), model.unet_config, unbox(model.unet_params))
+        dconv.save_vae(os.path.join(dst, "vae"), model.vae_config, model.vae_params)
         return ["unet", "vae"]
     raise ValueError(f"workdir '{src}' has stage '{stage}': only autoencoder and ldm workdirs export")
 

@@ -16,9 +16,13 @@ from pathlib import Path
 
 from absl import flags
 
-from ldm_jax.commands._app import fail, start
+from ldm_jax.commands._app import fail, run_or_fail, start
+from ldm_jax.configlib import load_config
 from ldm_jax.eval.adherence import demo_prompts
-from ldm_jax.eval.adherence import score_demo as score
+from ldm_jax.eval.generated import evaluate_generated
+from ldm_jax.images import make_grid, save_png
+from ldm_jax.ldm import LatentDiffusion, SampleConfig
+from ldm_jax.training import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where both stages, samples.png and summary.json go.")
 _VARIANT = flags.DEFINE_string("variant", "", "Config variant of both stages ('tiny': a seconds-long smoke run).")
@@ -26,12 +30,6 @@ _CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def run_demo(workdir: str, variant: str = "") -> dict:
-    import numpy as np
-
-    from ldm_jax.configlib import load_config
-    from ldm_jax.training import run
-    from ldm_jax.training.ldm import image_grid, load_generator, save_png
-
     t0 = time.time()
     suffix = f":{variant}" if variant else ""
     ae_cfg = load_config(str(_CONFIGS / "shapes_autoencoder.py") + suffix)
@@ -45,18 +43,19 @@ def run_demo(workdir: str, variant: str = "") -> dict:
     print(f"[demo 2/3] latent diffusion -> {ldm_dir}", flush=True)
     run(ldm_cfg, ldm_dir)
     print("[demo 3/3] sampling and scoring", flush=True)
-    generator, params = load_generator(ldm_dir, ldm_cfg)
-    prompts, heldout = demo_prompts()
-    s = ldm_cfg.sample
-    reps = 4  # 4 seeds per prompt: 72 scored images
-    images = np.concatenate([generator(params, prompts, seed=int(s.seed) + r, sampler=str(s.sampler),
-                                       num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale))
-                             for r in range(reps)])
-    summary = score(images, prompts * reps, heldout * reps)
+    model = LatentDiffusion.from_workdir(ldm_dir)
+    settings = SampleConfig.from_config(ldm_cfg.sample).generate_kwargs()
+    seed = settings.pop("seed")
+    # 4 images per prompt (72 scored): the evaluation `ldm-jax evaluate --num_samples=72` runs
+    summary, images, _ = evaluate_generated(
+        "shapes", lambda p, s: model.generate(p, seed=s, batch_size=72, **settings), num_samples=72, seed=seed,
+        return_images=True)
     grid_path = os.path.join(workdir, "samples.png")
-    save_png(grid_path, image_grid(images, cols=len(prompts) // 3 * 1 or 1))
-    summary.update(minutes=(time.time() - t0) / 60, num_images=len(images), prompts=prompts,
-                   heldout_pairs=[p for p, h in zip(prompts, heldout) if h], samples=grid_path,
+    save_png(grid_path, make_grid(images, cols=6))
+    s = ldm_cfg.sample
+    base, heldout = demo_prompts()
+    summary.update(minutes=(time.time() - t0) / 60, num_images=len(images), prompts=base,
+                   heldout_pairs=[p for p, h in zip(base, heldout) if h], samples=grid_path, seed=seed,
                    sampler=str(s.sampler), num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -72,7 +71,7 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}")
     if _VARIANT.value not in ("", "tiny"):
         fail(f"--variant={_VARIANT.value!r}: use 'tiny' or leave it empty")
-    run_demo(_WORKDIR.value, _VARIANT.value)
+    run_or_fail(run_demo, _WORKDIR.value, _VARIANT.value)
 
 
 def run_cli(argv):

@@ -8,8 +8,11 @@
     ldm-jax evaluate --images=gen/ --reference=fashion_mnist:test      # FD-FMNIST of a folder
     ldm-jax evaluate --images=samples/ --clip=clip-vit-base-patch32    # CLIP score (prompts from the PNGs)
 
-A latent-diffusion workdir is sampled from its EMA parameters (sampler, steps and guidance default to the
-run's `sample` config). --reference is a folder or a dataset name with an optional split (default test):
+A latent-diffusion workdir is sampled from its EMA parameters through `LatentDiffusion.generate` (sampler,
+steps, guidance and micro-batch default to the run's `sample` config; image i uses seed + i, so
+--save_images=DIR writes the images `ldm-jax sample` makes for the same prompts and seed), and scored by
+`ldm_jax.eval.generated` (the code the training callbacks and sweeps use).
+--reference is a folder or a dataset name with an optional split (default test):
 `fashion_mnist` reads Debian's files as FD-FMNIST does; other names (shapes, openmoji, a prepared tfds
 dataset) go through the data pipeline at the size of the --images. --clip=PATH (an HF CLIPModel folder)
 adds the CLIP score of the images against their prompts: for a folder, the 'prompt' text chunk that
@@ -29,7 +32,10 @@ import types
 
 from absl import flags
 
+from ldm_jax import images as imlib
 from ldm_jax.commands._app import fail, start
+from ldm_jax.eval.generated import DATASETS, evaluate_generated
+from ldm_jax.ldm import LatentDiffusion, SampleConfig
 
 FEATURES = ("fmnist", "inception", "clip")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A trained stage's workdir (latent diffusion or autoencoder).")
@@ -51,8 +57,12 @@ _NUM = flags.DEFINE_integer("num_samples", 0, "Images to generate (0: 72 for sha
                             "256 otherwise).")
 _SAMPLER = flags.DEFINE_string("sampler", "", "Sampler (default: the run's sample.sampler).")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Sampling steps (default: the run's sample.num_steps).")
+_MICRO = flags.DEFINE_integer("micro_batch", 0, "Images the network sees at once (default: the run's "
+                              "sample.micro_batch).")
+_SAVE = flags.DEFINE_string("save_images", "", "Also write the generated images here (a new folder), one PNG per "
+                            "image as `ldm-jax sample` writes them.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", -1.0, "CFG scale (default: the run's sample.guidance_scale).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the generated images.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the first generated image; image i uses seed + i.")
 _OUT = flags.DEFINE_string("out", "", "Where the JSON goes (default: WORKDIR/eval.json; stdout for folders).")
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _USER_ERRORS = (ValueError, OSError)  # ConfigError, DataError, ConversionError, missing or unreadable files
@@ -214,21 +224,24 @@ def evaluate_folders() -> dict:
 
 
 def _sampling_options(config) -> dict:
-    s = config.get("sample", {})
-    return dict(sampler=_SAMPLER.value or str(s.get("sampler", "ddim")),
-                num_steps=_STEPS.value or int(s.get("num_steps", 20)),
-                guidance_scale=_GUIDANCE.value if _GUIDANCE.value >= 0 else float(s.get("guidance_scale", 3.0)))
+    """The run's `sample` settings with the command line's changes (the same names as ``ldm-jax sample``)."""
+    sample = SampleConfig.from_config(config.get("sample", {}))
+    changes = dict(sampler=_SAMPLER.value or None, num_steps=_STEPS.value or None,
+                   guidance_scale=_GUIDANCE.value if _GUIDANCE.value >= 0 else None,
+                   micro_batch=_MICRO.value or None, seed=_SEED.value)
+    settings = sample.replace(**{k: v for k, v in changes.items() if v is not None}).generate_kwargs()
+    settings.pop("negative_prompt")
+    return settings
 
 
 def _test_captions(config: dict, count: int) -> list[str]:
     """The first `count` captions of the run's test split (prompts for the CLIP score of other datasets)."""
-    from ldm_jax.data import make_iterator
-    from ldm_jax.training import components
+    from ldm_jax.data import DataConfig, make_iterator
 
     data = dict(config["data"], split="test", batch_size=8, shuffle=False, num_epochs=1, caption_dropout=0.0,
                 latent_cache=None, drop_remainder=False)
     out = []
-    for batch in make_iterator(components.data_config(types.SimpleNamespace(data=data))):
+    for batch in make_iterator(DataConfig.from_run_config(types.SimpleNamespace(data=data))):
         out += [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
         if len(out) >= count:
             break
@@ -236,47 +249,51 @@ def _test_captions(config: dict, count: int) -> list[str]:
 
 
 def evaluate_ldm(workdir: str, config: dict) -> dict:
-    """Shapes adherence or FD-FMNIST / KID of generated images, plus the CLIP score with --clip."""
-    import numpy as np
-
-    from ldm_jax.training.ldm import load_generator
-
+    """Shapes adherence or FD-FMNIST / KID of generated images (`generated.evaluate_generated`, as the
+    training callbacks and sweeps compute them), plus the CLIP score with --clip."""
     dataset = config.get("data", {}).get("name", "")
     scorer = load_clip_scorer()
-    if dataset not in ("shapes", "fashion_mnist") and scorer is None:
+    if dataset not in DATASETS and scorer is None:
         fail(f"no built-in metric for dataset '{dataset}' (shapes and fashion_mnist have one): pass --clip=PATH "
              "for the CLIP score, or sample with `ldm-jax sample` and compare folders with --images/--reference")
-    generator, params = load_generator(workdir)
-    opts = _sampling_options(config)
-    out = {"workdir": workdir, "stage": "ldm", "dataset": dataset, **opts}
-    generate = lambda prompts, seed: generator(params, prompts, seed=_SEED.value + seed, **opts)  # noqa: E731
-    if dataset == "shapes":
-        from ldm_jax.eval.adherence import demo_prompts
-        from ldm_jax.eval.adherence import score_demo as score
-
-        prompts, heldout = demo_prompts()
-        reps = max(1, -(-(_NUM.value or 72) // len(prompts)))
-        images = np.concatenate([generate(prompts, r) for r in range(reps)])
-        prompts, heldout = prompts * reps, heldout * reps
-        out.update(score(images, prompts, heldout))
-    elif dataset == "fashion_mnist":
-        from ldm_jax.data.fashion_mnist import CLASS_NAMES
-        from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
-
-        per_class = max(1, (_NUM.value or 2000) // len(CLASS_NAMES))
-        prompts = [f"a photo of a {c}" for c in CLASS_NAMES for _ in range(per_class)]
-        images = np.concatenate([generate(prompts[i:i + 100], i) for i in range(0, len(prompts), 100)])
-        real, _ = load_fashion_mnist("test")
-        fn = fmnist_feature_fn()
-        res = distances(features_of(fn, [real[..., None]]), features_of(fn, [images]), precision_recall=_PR.value)
-        out.update({f"{k}_fmnist" if k.startswith(("fd", "kid")) else k: v for k, v in res.items()})
+    if _SAVE.value:
+        check_output_folder(_SAVE.value)
+    model = LatentDiffusion.from_workdir(workdir)
+    settings = _sampling_options(config)
+    seed = settings.pop("seed")
+    out = {"workdir": workdir, "stage": "ldm", "dataset": dataset, "seed": seed, **settings}
+    generate = lambda prompts, s: model.generate(prompts, seed=s, batch_size=64, progress=True,  # noqa: E731
+                                                 **settings)
+    if dataset in DATASETS:
+        n = _NUM.value or {"shapes": 72, "fashion_mnist": 2000}[dataset]
+        result, images, prompts = evaluate_generated(dataset, generate, num_samples=n, seed=seed,
+                                                     return_images=True)
+        out.update(result)
     else:
         prompts = _test_captions(config, _NUM.value or 256)
-        images = np.concatenate([generate(prompts[i:i + 64], i) for i in range(0, len(prompts), 64)])
-    out["num_images"] = len(images)
+        images = generate(prompts, seed)
+        out["num_images"] = len(images)
     if scorer is not None:
         out.update(scorer(images, prompts))
+    if _SAVE.value:
+        write_images(_SAVE.value, images, prompts, seed, dict(model=workdir, **settings))
     return out
+
+
+def check_output_folder(path: str) -> None:
+    """--save_images must be a new or empty folder (images of another evaluation are never overwritten)."""
+    if os.path.isdir(path) and os.listdir(path):
+        fail(f"--save_images={path} is not empty; pass a new folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"--save_images={path} is a file; pass a new folder")
+
+
+def write_images(out: str, images, prompts: list[str], seed: int, settings: dict) -> None:
+    """One PNG per image, named and annotated as ``ldm-jax sample`` names them (seed + i)."""
+    os.makedirs(out, exist_ok=True)
+    for i, image in enumerate(images):
+        meta = dict(prompt=prompts[i], negative_prompt="", seed=seed + i, **settings)
+        imlib.save_png(os.path.join(out, f"{i:04d}-seed{seed + i}.png"), image, meta)
 
 
 def evaluate_autoencoder(workdir: str, config: dict) -> dict:
@@ -286,12 +303,12 @@ def evaluate_autoencoder(workdir: str, config: dict) -> dict:
 
     from ldm_jax.eval.recon import autoencoder_metrics, photo_crops
     from ldm_jax.eval.stage_metrics import heldout_images
+    from ldm_jax.ldm import build
     from ldm_jax.models import AutoencoderKL
-    from ldm_jax.training import components
     from ldm_jax.training.checkpoint import restore_params
 
-    vae = AutoencoderKL(components.vae_config(config["model"]["vae"]))
-    params = components.as_arrays(restore_params(workdir, ema=True))
+    vae = AutoencoderKL(build.vae_config(config["model"]["vae"]))
+    params = build.as_arrays(restore_params(workdir, ema=True))
     roundtrip = jax.jit(lambda x: vae.apply({"params": params}, x)[0])
     heldout = heldout_images(ml_collections.ConfigDict(config), 256)
     fn = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from ldm_jax.commands._app import fail, start
+from ldm_jax.commands._app import fail, run_or_fail, start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/shapes_ldm.py:tiny",
                                           lock_config=True)
@@ -41,8 +41,9 @@ def main(argv):
         fail(f"--local_device_ids={','.join(local_ids)}: give non-negative integers separated by commas, e.g. 0,1")
     from ldm_jax.training import run
 
-    run(_CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value, local_device_ids=None if local_ids is None else [int(i) for i in local_ids])
+    device_ids = None if local_ids is None else [int(i) for i in local_ids]
+    run_or_fail(run, _CONFIG.value, _WORKDIR.value, coordinator_address=_COORDINATOR.value,
+                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, local_device_ids=device_ids)
 
 
 def run_cli(argv):

@@ -4,12 +4,11 @@
 ``encode_images_fn`` (images in [-1, 1], (B, H, W, C) -> posterior ``(mean, std)``) and ``encode_text_fn``
 (captions -> (B, L, D) array or dict of arrays), and writes one array_record record per example plus
 ``manifest.json`` (record layout, shapes, dtypes, encoder ids, source settings) and ``uncond.npz`` (the text
-arrays of the empty caption, used for caption dropout). The latent diffusion stage then reads
+arrays of the empty caption, used for caption dropout); `latent_records.py` holds the record format and the
+reader, `LatentCache` (re-exported here), which the input pipeline uses. The latent diffusion stage then reads
 ``DataConfig(latent_cache=out_dir, ...)``: shuffled, sharded and checkpointable like images, with batches
 ``latent_mean``, ``latent_std``, the text arrays, ``caption`` and ``index``; it draws
 ``z = mean + std * eps`` itself each step, as in Rombach et al. (2022), Sec. 3.
-
-Record layout: the raw bytes of every array field in manifest order, then the UTF-8 caption.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ldm_jax.data.common import DataError
+from ldm_jax.data.latent_records import _FORMAT_VERSION, MANIFEST, RECORDS, UNCOND, LatentCache, encode_record
+from ldm_jax.data.pipeline import DataConfig, make_iterator
 
-MANIFEST = "manifest.json"
-UNCOND = "uncond.npz"
-RECORDS = "latents.array_record"
-_FORMAT_VERSION = 1
 _RESERVED = ("latent_mean", "latent_std", "caption", "index")
 # Source settings that change the cached content; a cache is reused only when they match.
 _SOURCE_KEYS = ("name", "split", "data_dir", "builder_kwargs", "resolution", "channels", "center_crop",
@@ -36,58 +33,6 @@ _SOURCE_KEYS = ("name", "split", "data_dir", "builder_kwargs", "resolution", "ch
 
 def _field_specs(arrays: Mapping[str, np.ndarray]) -> list[dict]:
     return [{"name": k, "shape": list(v.shape[1:]), "dtype": v.dtype.str} for k, v in arrays.items()]
-
-
-def encode_record(fields: list[dict], arrays: Mapping[str, np.ndarray], i: int, caption: str) -> bytes:
-    parts = [np.ascontiguousarray(arrays[f["name"]][i], dtype=np.dtype(f["dtype"])).tobytes() for f in fields]
-    return b"".join(parts) + caption.encode("utf-8")
-
-
-def decode_record(fields: list[dict], record: bytes) -> dict:
-    out, offset = {}, 0
-    for f in fields:
-        dtype = np.dtype(f["dtype"])
-        count = math.prod(f["shape"])
-        value = np.frombuffer(record, dtype, count, offset).reshape(f["shape"])
-        out[f["name"]] = value.astype(np.float32) if dtype.kind == "f" else value.copy()
-        offset += count * dtype.itemsize
-    out["caption"] = record[offset:].decode("utf-8")
-    return out
-
-
-class LatentCache:
-    """Random-access reader of a latent cache directory (a grain data source)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser()
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists():
-            raise DataError(f"no latent cache at {self.path} ({MANIFEST} missing); build it with build_latent_cache")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != _FORMAT_VERSION:
-            raise DataError(f"latent cache {self.path} has format {self.manifest.get('format_version')}, "
-                            f"this code reads {_FORMAT_VERSION}; rebuild it")
-        import grain
-
-        self._source = grain.sources.ArrayRecordDataSource([str(self.path / RECORDS)])
-        with np.load(self.path / UNCOND) as uncond:
-            self.uncond = {k: uncond[k].astype(np.float32 if uncond[k].dtype.kind == "f" else uncond[k].dtype)
-                           for k in uncond.files}
-
-    @property
-    def fields(self) -> list[dict]:
-        return self.manifest["fields"]
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, i: int) -> dict:
-        return decode_record(self.fields, self._source[i])
-
-    @staticmethod
-    def to_example(index: int, record: dict) -> dict:
-        """map_with_index hook: records are already examples (their `index` is the source's)."""
-        return record
 
 
 def _as_text_arrays(out) -> dict[str, np.ndarray]:
@@ -137,8 +82,6 @@ def build_latent_cache(
     is reused. `dtype` ("float32" or "float16") is the stored precision; reading gives float32.
     """
     from tqdm.auto import tqdm
-
-    from ldm_jax.data.pipeline import DataConfig, make_iterator
 
     cfg = source_cfg if isinstance(source_cfg, DataConfig) else DataConfig.from_config(source_cfg)
     cfg = cfg.replace(shuffle=False, flip=False, caption_dropout=0.0, num_epochs=1, drop_remainder=False,

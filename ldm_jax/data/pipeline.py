@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data import builders, latent_cache
+from ldm_jax.data import _grain_compat, builders, latent_records
 from ldm_jax.data.common import decode_text
 from ldm_jax.data.tokenize import as_tokenize_fn
 from ldm_jax.types import ConfigError, FrozenConfig
@@ -92,6 +92,17 @@ class DataConfig(FrozenConfig):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"DataConfig: {message}")
+
+    @classmethod
+    def from_run_config(cls, config, **overrides) -> DataConfig:
+        """The typed ``data`` section of a run config ("" means None for data_dir and latent_cache), with
+        `overrides` replacing fields."""
+        d = config.data
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d or {})
+        for key in ("data_dir", "latent_cache"):
+            if d.get(key) == "":
+                d[key] = None
+        return cls.from_config({**d, **overrides})
 
     @property
     def builder_options(self) -> dict:
@@ -249,7 +260,7 @@ class Tokenize:
 def _open_source(cfg: DataConfig):
     """(random-access source, record -> example map_with_index fn, text arrays of "" or None)."""
     if cfg.latent_cache:
-        cache = latent_cache.LatentCache(cfg.latent_cache)
+        cache = latent_records.LatentCache(cfg.latent_cache)
         return cache, cache.to_example, cache.uncond
     result = builders.prepare(cfg.name, data_dir=cfg.data_dir, download=cfg.download, **cfg.builder_options)
     return result.source(cfg.split), _to_example_fn(result, cfg), None
@@ -351,10 +362,7 @@ def make_iterator(cfg, *, tokenizer=None, process_index: int = 0, process_count:
         ds = ds.map(Tokenize(as_tokenize_fn(tokenizer, cfg.max_length)))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app
-            flags.FLAGS.mark_as_parsed()  # entry points they would be unparsed: use their defaults
+        _grain_compat.ensure_absl_flags_parsed()  # grain's reader processes read absl flags
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     fingerprint = {k: getattr(cfg, k) for k in _ORDER_FIELDS}
     fingerprint.update(num_examples=num_examples, process_index=process_index, process_count=process_count)

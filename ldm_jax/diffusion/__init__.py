@@ -41,11 +41,14 @@ Sampling (whole loop in one jit; one trace per shape, sampler, steps and static 
     x0 = diffusion.sample(fn, noise, ..., mask=m, known=latents)                   # inpainting
 
 Samplers: ddpm, ddim (eta), euler, euler_ancestral, heun (EDM Alg. 2, churn), dpmpp_2m, dpmpp_2m_sde, unipc.
+Each is described by one `SamplerSpec` (``diffusion.sampler_spec("heun")``: grid style, order, options it takes,
+``is_stochastic(eta, churn)``, ``nfe(num_steps)``, ``steps_for_nfe(nfe)``, ...); `SAMPLER_OPTIONS` and
+`GRID_OPTIONS` name the sampler-specific and grid keywords of `sample`.
 Spacings: uniform, karras (rho), logsnr, and SD's leading / trailing / linspace, which reproduce diffusers'
 schedulers step for step (`sampling.py` documents the mapping).
 """
 
-from ldm_jax.diffusion.grids import LOGSNR_FLOOR, SPACINGS, Grid, sd_timesteps, time_grid
+from ldm_jax.diffusion.grids import GRID_OPTIONS, LOGSNR_FLOOR, SPACINGS, Grid, sd_timesteps, time_grid
 from ldm_jax.diffusion.guidance import CFG, cfg, rescale_guidance
 from ldm_jax.diffusion.learned import LearnedSchedule, learned_schedule_init
 from ldm_jax.diffusion.losses import loss, loss_weight
@@ -67,7 +70,7 @@ from ldm_jax.diffusion.parametrization import (
     prediction_scale,
     to_x0_eps,
 )
-from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.diffusion.samplers import SAMPLER_OPTIONS, SAMPLER_SPECS, SAMPLERS, SamplerSpec, sampler_spec
 from ldm_jax.diffusion.sampling import sample, sampling_grid
 from ldm_jax.diffusion.schedules import (
     EDM,
@@ -91,10 +94,13 @@ from ldm_jax.diffusion.weighting import WEIGHTINGS, weight
 __all__ = [
     "CFG",
     "EDM",
+    "GRID_OPTIONS",
     "LOGSNR_FLOOR",
     "NOISE_SAMPLERS",
     "PREDICTIONS",
     "SAMPLERS",
+    "SAMPLER_OPTIONS",
+    "SAMPLER_SPECS",
     "SPACINGS",
     "WEIGHTINGS",
     "Cosine",
@@ -104,6 +110,7 @@ __all__ = [
     "Grid",
     "Laplace",
     "LearnedSchedule",
+    "SamplerSpec",
     "Schedule",
     "Shifted",
     "Sigmoid",
@@ -126,6 +133,7 @@ __all__ = [
     "rescale_guidance",
     "sample",
     "sample_t",
+    "sampler_spec",
     "sampling_grid",
     "scaled_linear",
     "sd_timesteps",

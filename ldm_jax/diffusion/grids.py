@@ -45,6 +45,8 @@ SPACINGS = ("uniform", "karras", "logsnr", "leading", "trailing", "linspace")
 SD_SPACINGS = ("leading", "trailing", "linspace")
 STYLES = ("ddim", "euler", "multistep")
 FINALS = ("zero", "sigma_min")
+# The keywords of `time_grid` (and of `sample` / `sampling_grid`) that shape the grid; the sampler sets `style`.
+GRID_OPTIONS = ("spacing", "final", "rho", "sigma_min", "sigma_max", "t_max", "steps_offset")
 # log(2^-24 / (1 - 2^-24)): the logSNR diffusers puts at a zero-terminal-SNR end for Euler/DPM/UniPC.
 LOGSNR_FLOOR = math.log(2.0**-24) - math.log1p(-(2.0**-24))
 DEFAULT_SIGMA_MIN = 0.002

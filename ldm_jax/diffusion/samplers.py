@@ -21,6 +21,11 @@ the grid's logSNR; the EDM view uses x~ = x / alpha and s = sigma / alpha = exp(
                      corrector on x_t from the new model output, then the UniP predictor; one evaluation
                      a step.
 
+Each sampler has one `SamplerSpec` in `SAMPLER_SPECS` (`sampler_spec(name)`): its step, initial state, grid
+style, order, noise (always_stochastic, eta, churn), the keywords it takes, its network evaluations per step
+(``nfe``, ``steps_for_nfe``), its lower-order-final rule and logSNR floor; `sampling.py` asks only the spec.
+`SAMPLER_OPTIONS` are the sampler-specific keywords of `sample`, `GRID_OPTIONS` those of the time grid.
+
 Order schedule (as diffusers): multistep methods start first order; dpmpp_2m(_sde) takes its last step first
 order when the target is sigma = 0 or N < 15 (``lower_order_final``); unipc's predictor order is
 min(2, N - i, steps taken + 1) and its corrector uses the previous predictor's order.
@@ -36,9 +41,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr
-from ldm_jax.diffusion.grids import Grid
-from ldm_jax.types import Array
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice
+from ldm_jax.diffusion.grids import FINALS, STYLES, Grid
+from ldm_jax.diffusion.grids import GRID_OPTIONS as GRID_OPTIONS  # re-exported beside SAMPLER_OPTIONS
+from ldm_jax.types import Array, ConfigError, nearest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,32 +249,197 @@ def unipc_step(ctx: Ctx, i, x, state, key):
     return x_next, (x, m, state[1], order.astype(jnp.int32))
 
 
-def init_state(sampler: str, x: Array):
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        return jnp.zeros_like(x)
-    if sampler == "unipc":
-        return (x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.zeros((), jnp.int32))
+# ---------------------------------------------------------------------------------------------- specs
+
+
+def _no_state(x: Array):
     return ()
 
 
-STEPS = {
-    "ddpm": ddpm_step,
-    "ddim": ddim_step,
-    "euler": euler_step,
-    "euler_ancestral": euler_ancestral_step,
-    "heun": heun_step,
-    "dpmpp_2m": dpmpp_2m_step,
-    "dpmpp_2m_sde": dpmpp_2m_sde_step,
-    "unipc": unipc_step,
+def _previous_x0(x: Array):
+    """DPM-Solver++(2M)'s state: the previous step's x0 estimate (unused by its first-order first step)."""
+    return jnp.zeros_like(x)
+
+
+def _unipc_state(x: Array):
+    """(x before the last predictor, last model output, the one before it, the last predictor's order)."""
+    return (x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.zeros((), jnp.int32))
+
+
+# The sampler-specific keywords of `sample`, with the value that leaves every sampler as it is (Options').
+_NEUTRAL = {f.name: f.default for f in dataclasses.fields(Options) if f.name != "lower_order_final"}
+_DIFFUSERS_FINALS = ("set_alpha_to_one", "zero", "final_sigmas_type")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Everything the package knows about one sampler; `SAMPLER_SPECS` holds one per name.
+
+    Attributes:
+      name: the `sampler=` name.
+      step: ``step(ctx, i, x, state, key) -> (x_next, state)``, one grid step.
+      init_state: ``x -> state`` that the first step gets (a pytree; ``()`` for single-step samplers).
+      grid_style: the diffusers scheduler family whose SD timesteps `time_grid(style=...)` reproduces.
+      order: the solver's order (diffusers' ``solver_order`` for multistep ones; UniPC-2's corrector raises
+        its measured order to 3).
+      always_stochastic: draws noise whatever the options (ddpm, euler_ancestral, dpmpp_2m_sde).
+      options: the sampler-specific keywords of `sample` it takes, among `SAMPLER_OPTIONS`.
+      default_eta: eta when `sample` gets ``eta=None``.
+      evals_per_step: network evaluations of one step.
+      final_step_evals: evaluations of a step that lands on sigma = 0 when that differs (heun: 1, it skips
+        its correction there); None: evals_per_step.
+      lower_order_final_below: multistep methods take their last step first order when the target is
+        sigma = 0 or num_steps is below this (DPM-Solver++, as diffusers); None: always (UniPC; single-step
+        samplers ignore the setting).
+      floor_eps_only: the logSNR floor (`grids.LOGSNR_FLOOR`) is applied only under eps prediction; ddim and
+        ddpm use alpha = 0 exactly otherwise, as they never divide by alpha then.
+      diffusers_final: what picks the sampler's default target in a diffusers scheduler config:
+        "set_alpha_to_one" (DDIM: True -> final="zero", False -> "sigma_min"), "zero" (DDPM always ends at the
+        clean sample) or "final_sigmas_type" (Euler, Heun, DPM-Solver, UniPC).
+    """
+
+    name: str
+    step: Callable
+    init_state: Callable
+    grid_style: str
+    order: int
+    always_stochastic: bool = False
+    options: tuple[str, ...] = ()
+    default_eta: float = 0.0
+    evals_per_step: int = 1
+    final_step_evals: int | None = None
+    lower_order_final_below: int | None = None
+    floor_eps_only: bool = False
+    diffusers_final: str = "final_sigmas_type"
+
+    def __post_init__(self):
+        check_choice("grid style", self.grid_style, STYLES)
+        check_choice("diffusers final setting", self.diffusers_final, _DIFFUSERS_FINALS)
+        for option in self.options:
+            check_choice("sampler option", option, _NEUTRAL)
+        if self.default_eta and "eta" not in self.options:
+            raise ConfigError(f"sampler '{self.name}' has default_eta={self.default_eta} but takes no eta")
+
+    def eta(self, eta: float | None = None) -> float:
+        """The eta a run uses: `default_eta` when none is given."""
+        return self.default_eta if eta is None else float(eta)
+
+    def is_stochastic(self, eta: float | None = None, churn: float = 0.0) -> bool:
+        """Whether a run draws noise (and so needs rng=) with these options (eta=None: default_eta)."""
+        return self.always_stochastic or self.eta(eta) > 0 or churn > 0
+
+    def lower_order_final(self, final: str, num_steps: int) -> bool:
+        """Whether a multistep method takes its last step at lower order (`Options.lower_order_final`)."""
+        if self.lower_order_final_below is None:
+            return True
+        return final == "zero" or num_steps < self.lower_order_final_below
+
+    def floors_logsnr(self, prediction: str) -> bool:
+        """Whether the grid's logSNR is clamped to `grids.LOGSNR_FLOOR` for this prediction type."""
+        return prediction == "eps" or not self.floor_eps_only
+
+    def _last_step_evals(self, final: str) -> int:
+        check_choice("final", final, FINALS)
+        if final == "zero" and self.final_step_evals is not None:
+            return self.final_step_evals
+        return self.evals_per_step
+
+    def nfe(self, num_steps: int, final: str = "zero") -> int:
+        """Network evaluations of a run of `num_steps` steps (img2img: the steps actually run).
+
+        final="sigma_min" assumes a target noise level above 0 (the default for discrete schedules).
+        """
+        n = int(num_steps)
+        if n < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+        return self.evals_per_step * (n - 1) + self._last_step_evals(final)
+
+    def steps_for_nfe(self, nfe: int, final: str = "zero") -> int:
+        """The most steps a budget of `nfe` network evaluations pays for (at least 1): heun (nfe + 1) // 2."""
+        budget = int(nfe)
+        if budget < 1:
+            raise ConfigError(f"an NFE budget must be >= 1, got {nfe}")
+        return max(1, (budget - self._last_step_evals(final)) // self.evals_per_step + 1)
+
+
+_CHURN = ("churn", "s_tmin", "s_tmax", "s_noise")
+
+SAMPLER_SPECS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec(
+            "ddpm", ddpm_step, _no_state, "ddim", 1, always_stochastic=True, options=("variance",),
+            floor_eps_only=True, diffusers_final="zero",
+        ),
+        SamplerSpec(
+            "ddim", ddim_step, _no_state, "ddim", 1, options=("eta",), floor_eps_only=True,
+            diffusers_final="set_alpha_to_one",
+        ),
+        SamplerSpec("euler", euler_step, _no_state, "euler", 1, options=_CHURN),
+        SamplerSpec(
+            "euler_ancestral", euler_ancestral_step, _no_state, "euler", 1, always_stochastic=True,
+            options=("eta",), default_eta=1.0,
+        ),
+        SamplerSpec("heun", heun_step, _no_state, "euler", 2, options=_CHURN, evals_per_step=2, final_step_evals=1),
+        SamplerSpec("dpmpp_2m", dpmpp_2m_step, _previous_x0, "multistep", 2, lower_order_final_below=15),
+        SamplerSpec(
+            "dpmpp_2m_sde", dpmpp_2m_sde_step, _previous_x0, "multistep", 2, always_stochastic=True,
+            lower_order_final_below=15,
+        ),
+        SamplerSpec("unipc", unipc_step, _unipc_state, "multistep", 2),
+    )
 }
-SAMPLERS = tuple(STEPS)
-STYLE = {
-    "ddpm": "ddim",
-    "ddim": "ddim",
-    "euler": "euler",
-    "euler_ancestral": "euler",
-    "heun": "euler",
-    "dpmpp_2m": "multistep",
-    "dpmpp_2m_sde": "multistep",
-    "unipc": "multistep",
-}
+SAMPLERS = tuple(SAMPLER_SPECS)
+# Sampler-specific keywords of `sample` (the union of the specs' options); GRID_OPTIONS are the grid's.
+SAMPLER_OPTIONS = tuple(o for o in _NEUTRAL if any(o in spec.options for spec in SAMPLER_SPECS.values()))
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The spec of sampler `name`; a one-line ConfigError with the nearest name otherwise."""
+    spec = SAMPLER_SPECS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        # "DPM++ 2M" / "dpm++" read as dpmpp..., so that the suggestion is not ddpm.
+        key = str(name).lower().replace("+", "p").replace("-", "_").replace(" ", "_")
+        raise ConfigError(
+            f"unknown sampler '{name}'{nearest(key, SAMPLERS)}; choose one of: {', '.join(sorted(SAMPLERS))}"
+        )
+    return spec
+
+
+def _names(items) -> str:
+    items = list(items)
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_sampler_options(name: str, **given) -> None:
+    """Raises a one-line ConfigError when a given option is unknown or set for a sampler that does not take it.
+
+    An option counts as set unless it is None or its neutral value (`Options`' default: eta 0, churn 0,
+    s_tmin 0, s_tmax inf, s_noise 1, variance "small"), so `sample` passes all its keywords as they are.
+    """
+    spec = sampler_spec(name)
+    for key in given:
+        if key not in _NEUTRAL:
+            raise ConfigError(
+                f"unknown sampler option '{key}'{nearest(key, SAMPLER_OPTIONS)}; "
+                f"choose among: {', '.join(SAMPLER_OPTIONS)}"
+            )
+    wrong = [(k, v) for k, v in given.items() if k not in spec.options and v is not None and v != _NEUTRAL[k]]
+    if not wrong:
+        return
+    takers = {k: [s.name for s in SAMPLER_SPECS.values() if k in s.options] for k, _ in wrong}
+    takes = f"it takes {', '.join(spec.options)}" if spec.options else "it takes none of these options"
+    raise ConfigError(
+        f"sampler '{name}' does not take {' nor '.join(f'{k}={v!r}' for k, v in wrong)}: "
+        + "; ".join(f"{k} is for {_names(takers[k])}" for k, _ in wrong)
+        + f" ({takes})"
+    )
+
+
+# Views of SAMPLER_SPECS under their former names (used by tests/diffusion/test_diffusers_parity.py).
+STEPS = {name: spec.step for name, spec in SAMPLER_SPECS.items()}
+STYLE = {name: spec.grid_style for name, spec in SAMPLER_SPECS.items()}
+
+
+def init_state(sampler: str, x: Array):
+    return sampler_spec(sampler).init_state(x)

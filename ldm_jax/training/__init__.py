@@ -26,7 +26,6 @@ The pieces, each usable on its own:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from ldm_jax.types import ConfigError, nearest
@@ -54,26 +53,20 @@ def make_stage(config, workdir: str):
 
 def run(config, workdir: str, *, coordinator_address: str | None = None, num_processes: int | None = None,
         process_id: int | None = None, local_device_ids: Sequence[int] | None = None):
-    """Entry point of ``ldm-jax train``: exits 2 on a config error and 1 on a non-finite halt (one line).
+    """Trains the config's stage in `workdir` (what ``ldm-jax train`` runs). Raises ConfigError on a config error
+    and NonFiniteError on a non-finite halt; the commands turn them into one line and exit 2 / 1.
 
     The keyword arguments (``--coordinator_address``, ``--num_processes``, ``--process_id`` and the optional
     ``--local_device_ids`` on the command line) start a multi-process job explicitly; without them the JAX_*
     environment variables or a cluster JAX detects (SLURM, Open MPI, TPU pods) are used
     (`sharding.maybe_initialize_distributed`).
     """
-    from ldm_jax.training.loop import NonFiniteError, train
+    from ldm_jax.training.loop import train
     from ldm_jax.training.sharding import maybe_initialize_distributed
 
-    try:
-        maybe_initialize_distributed(coordinator_address, num_processes, process_id, local_device_ids)
-        task, callbacks = make_stage(config, workdir)
-        return train(config, workdir, task, callbacks=callbacks)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    maybe_initialize_distributed(coordinator_address, num_processes, process_id, local_device_ids)
+    task, callbacks = make_stage(config, workdir)
+    return train(config, workdir, task, callbacks=callbacks)
 
 
 def __getattr__(name):

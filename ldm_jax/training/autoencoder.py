@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.data import make_iterator
+from ldm_jax.data import DataConfig, make_iterator
 from ldm_jax.eval import stage_metrics
+from ldm_jax.images import make_grid, save_png, to_uint8
+from ldm_jax.ldm import build
 from ldm_jax.models import AutoencoderKL, unbox
 from ldm_jax.models.lpips import LPIPS, load_lpips
-from ldm_jax.training import components
-from ldm_jax.training.ldm import NumericBatches, image_grid, save_png, to_uint8
+from ldm_jax.training.ldm import NumericBatches
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError
 
@@ -63,8 +64,8 @@ def make_task(config, workdir: str):
     kind = str(ac.loss)
     if kind not in ("l1", "l2"):
         raise ConfigError(f"autoencoder.loss='{kind}': use 'l1' or 'l2'")
-    vae = AutoencoderKL(components.vae_config(config.model.vae, **components.compute_options(config)))
-    dcfg = components.data_config(config, caption_dropout=0.0)
+    vae = AutoencoderKL(build.vae_config(config.model.vae, **build.compute_options(config)))
+    dcfg = DataConfig.from_run_config(config, caption_dropout=0.0)
     use_gan = int(ac.disc_start) >= 0
     disc = PatchDiscriminator(int(ac.disc_channels), int(ac.disc_layers))
     d_tx = optax.adam(float(ac.disc_lr), b1=0.5, b2=0.9)
@@ -161,7 +162,7 @@ class ReconstructionGrid:
     def __init__(self, vae, config, workdir):
         import os
 
-        dcfg = components.data_config(config, caption_dropout=0.0, shuffle=False, batch_size=8, split="train")
+        dcfg = DataConfig.from_run_config(config, caption_dropout=0.0, shuffle=False, batch_size=8, split="train")
         self.images = jnp.asarray(next(make_iterator(dcfg))["image"])
         self.every, self.dir = int(config.sample.every_steps), os.path.join(workdir, "samples")
         self._rec = jax.jit(lambda p, x: vae.apply({"params": p}, x)[0])
@@ -172,7 +173,7 @@ class ReconstructionGrid:
         if step % self.every or jax.process_index() != 0:
             return None
         rec = self._rec(unbox(state.ema_params), self.images)
-        grid = image_grid(to_uint8(jnp.concatenate([self.images, rec])), cols=len(self.images))
+        grid = make_grid(to_uint8(jnp.concatenate([self.images, rec])), cols=len(self.images))
         os.makedirs(self.dir, exist_ok=True)
         save_png(os.path.join(self.dir, f"{step:07d}.png"), grid)
         return {"reconstructions": grid, "ema_rec_l1": float(jnp.mean(jnp.abs(rec - self.images)))}

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
+from ldm_jax.ldm.workdirs import read_config, restore_params  # noqa: F401  (re-exported)
 from ldm_jax.training.optim import tree_all_finite
 from ldm_jax.types import PyTree
 
@@ -176,34 +177,3 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"ldm_jax_quarantine_{step}")
         self.manager.reload()
-
-
-def read_config(workdir: str, step: int | None = None) -> dict:
-    """The config JSON saved with a checkpoint of `workdir` (the newest when `step` is None)."""
-    folder = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints under {folder}: train first (ldm-jax train --workdir={workdir})")
-    step = steps[-1] if step is None else step
-    with open(os.path.join(folder, str(step), "config", "config.json")) as f:
-        return json.load(f)
-
-
-def restore_params(workdir: str, step: int | None = None, *, ema: bool = True) -> PyTree:
-    """Parameters (EMA by default) of a workdir's checkpoint as host numpy arrays, for inference.
-
-    Reads only that subtree, and works whatever mesh or number of processes wrote the checkpoint.
-    """
-    folder = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints under {folder}: train first (ldm-jax train --workdir={workdir})")
-    step = steps[-1] if step is None else step
-    path = os.path.join(os.path.abspath(folder), str(step), "state")
-    key = "ema_params" if ema else "params"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        metadata = ckptr.metadata(path).item_metadata
-        item = {key: getattr(metadata, "tree", metadata)[key]}
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
-    return tree[key]

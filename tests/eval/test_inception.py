@@ -1,4 +1,5 @@
-"""FID Inception-v3 port vs pytorch-fid's own model (torchvision blocks) with shared random weights."""
+"""FID Inception-v3 port vs pytorch-fid's own model (torchvision blocks) with shared random weights; its
+classifier logits and the Inception Score vs a PyTorch reference of torch-fidelity's conventions."""
 
 import importlib
 import sys
@@ -13,6 +14,7 @@ import torch
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.eval import inception
 from ldm_jax.eval.frechet import data_mesh
+from ldm_jax.eval.inception_score import inception_score
 
 # pytorch-fid and torchvision live outside site-packages (`make setup` installs them with `pip install --no-deps
 # --target .venv/torch-refs pytorch-fid==0.3.0 torchvision==0.28.0`): PyPI's torchvision wheel is built against
@@ -71,11 +73,11 @@ def reference(tmp_path_factory):
         pfi.load_state_dict_from_url = original
     path = tmp_path_factory.mktemp("inception") / inception.FID_WEIGHTS_FILE
     torch.save(state, path)
-    return model, path
+    return model, path, state
 
 
 def test_pool_features_match_pytorch_fid(reference, tmp_path):
-    model, path = reference
+    model, path, _ = reference
     images = np.random.default_rng(0).integers(0, 256, size=(2, 37, 53, 3), dtype=np.uint8)
     with torch.no_grad():
         want = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0][:, :, 0, 0].numpy()
@@ -110,3 +112,119 @@ def test_missing_and_wrong_weights_give_one_line_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConversionError, match="not a readable"):
         inception.load_params(tmp_path / "junk.pth")
+
+
+# ---------------------------------------------------------------------------- classifier logits and IS
+def _torch_inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
+    """Reference IS in torch: float64 softmax, per-chunk marginal and KL, exp of the mean KL; chunk j is rows
+    j N // splits .. (j + 1) N // splits - 1; population std (ddof 0) over the chunk scores."""
+    z = logits.double()
+    p, log_p, n = torch.softmax(z, dim=1), torch.log_softmax(z, dim=1), len(z)
+    scores = []
+    for j in range(splits):
+        rows = slice(j * n // splits, (j + 1) * n // splits)
+        marginal = p[rows].mean(dim=0, keepdim=True)
+        kl = (p[rows] * (log_p[rows] - torch.log(marginal))).sum(dim=1)
+        scores.append(torch.exp(kl.mean()))
+    scores = torch.stack(scores)
+    return scores.mean().item(), scores.std(correction=0).item()
+
+
+def _smooth_images(n: int, size: int, seed: int = 1) -> np.ndarray:
+    """uint8 (n, size, size, 3) plane waves of random direction, frequency, phase, colour and contrast: the
+    random network's logits vary far more between such images than between white-noise images (IS ~1.06
+    instead of ~1.002), so the IS comparison below resolves differences in the logits."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    out = []
+    for _ in range(n):
+        fx, fy, phase = rng.uniform(-3, 3, 3)
+        wave = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)[..., None]
+        out.append(255 * np.clip(wave * rng.uniform(0.1, 0.5, 3) + rng.uniform(0.2, 0.8, 3), 0, 1))
+    return np.stack(out).astype(np.uint8)
+
+
+def test_logits_and_inception_score_match_torch(reference):
+    model, path, state = reference
+    images = _smooth_images(20, 24)
+    with torch.no_grad():
+        pool = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0][:, :, 0, 0]
+        want = pool.mm(state["fc.weight"].T)  # torch-fidelity's "logits_unbiased": the fc without its bias
+    logits_fn = inception.inception_logits_fn(path, mesh=data_mesh(jax.devices()[:2]))
+    got = logits_fn(images)
+    assert got.shape == (20, inception.NUM_CLASSES)
+    scale = want.abs().max().item()
+    assert scale > 0.5 and want.std(dim=0).mean().item() > 0.01  # logits differ between classes and images
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4 * scale)
+    for splits in (1, 3, 4):  # 3: chunks of 6, 7, 7 rows
+        want_is = _torch_inception_score(want, splits)
+        np.testing.assert_allclose(inception_score(got, splits), want_is, rtol=1e-5, atol=1e-12)
+    assert inception_score(got, 4)[0] > 1.03  # a score that the comparison above can resolve
+    # the biased head (bias=True) is torch's nn.Linear; checked on the torch pool features
+    head = inception.Classifier(use_bias=True).apply({"params": logits_fn.params["fc"]}, pool.numpy())
+    with torch.no_grad():
+        want_biased = torch.nn.functional.linear(pool, state["fc.weight"], state["fc.bias"])
+    np.testing.assert_allclose(head, want_biased.numpy(), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_inception_score_matches_torch_on_synthetic_logits():
+    logits = np.random.default_rng(0).normal(size=(103, 50)) * np.linspace(0.1, 8.0, 103)[:, None]
+    for splits in (1, 7, 10):  # 103 rows: unequal chunks
+        np.testing.assert_allclose(inception_score(logits, splits),
+                                   _torch_inception_score(torch.from_numpy(logits), splits), rtol=1e-12)
+    # shuffle_seed=2020: rows permuted as torch-fidelity does by default before splitting
+    perm = np.random.RandomState(2020).permutation(len(logits))
+    np.testing.assert_allclose(inception_score(logits, 10, shuffle_seed=2020),
+                               _torch_inception_score(torch.from_numpy(logits[perm]), 10), rtol=1e-12)
+
+
+def test_inception_score_closed_forms():
+    # p(y|x) uniform (any per-row constant): every KL is 0 -> IS = 1 in every chunk
+    flat = np.repeat(np.arange(30.0)[:, None], 1008, axis=1)
+    np.testing.assert_allclose(inception_score(flat, 10), (1.0, 0.0), atol=1e-12)
+    # confident labels over k classes, each equally often in every chunk -> IS = k (KL = log k per image)
+    k, n = 5, 60
+    logits = np.zeros((n, 20))
+    logits[np.arange(n), np.arange(n) % k] = 60.0
+    for splits in (1, 4, 12):
+        mean, std = inception_score(logits, splits)
+        np.testing.assert_allclose(mean, k, rtol=1e-9)
+        assert std < 1e-9
+    # a class with (numerically) zero probability everywhere contributes 0, not 0 * log 0 = nan
+    dead = np.concatenate([logits, np.full((n, 1), -1e4)], axis=1)
+    np.testing.assert_allclose(inception_score(dead, 4), inception_score(logits, 4), rtol=1e-12)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(logits[:3], 10)
+    with pytest.raises(ValueError, match="NaN"):
+        inception_score(np.full((10, 3), np.nan), 2)
+
+
+def test_classifier_weights_are_optional_for_features(reference, tmp_path):
+    _, _, state = reference
+    numpy_state = {k: v.numpy() for k, v in state.items()}
+    full = inception.params_from_state_dict(numpy_state)
+    assert full["fc"]["kernel"].shape == (2048, inception.NUM_CLASSES) and full["fc"]["bias"].shape == (1008,)
+    np.testing.assert_array_equal(full["fc"]["kernel"], numpy_state["fc.weight"].T)
+    assert set(inception.param_shapes(fc=True)) - set(inception.param_shapes()) == {"fc/kernel", "fc/bias"}
+    # without fc: loads (FID features need no classifier), and only logits fail, naming the missing key
+    trunk = inception.params_from_state_dict({k: v for k, v in numpy_state.items() if not k.startswith("fc.")})
+    assert "fc" not in trunk and not inception.has_classifier(trunk)
+    inception.inception_feature_fn(trunk, mesh=data_mesh(jax.devices()[:1]))
+    with pytest.raises(ConversionError, match=r"fc\.weight") as info:
+        inception.inception_logits_fn(trunk)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConversionError, match=r"fc\.weight"):
+        inception.inception_apply(trunk, np.zeros((1, 8, 8, 3), np.uint8), output="logits")
+    with pytest.raises(ValueError, match="output must be one of"):
+        inception.inception_apply(full, np.zeros((1, 8, 8, 3), np.uint8), output="probs")
+    # a torch-free copy without fc loads the same way
+    from ldm_jax.convert.common import flatten, write_safetensors
+    write_safetensors(tmp_path / "trunk.safetensors", flatten(trunk))
+    assert not inception.has_classifier(inception.load_params(tmp_path / "trunk.safetensors"))
+    # a half or foreign classifier is a strict-check error, not silently dropped
+    with pytest.raises(ConversionError, match="missing 1: fc/bias"):
+        inception.params_from_state_dict({k: v for k, v in numpy_state.items() if k != "fc.bias"})
+    wrong = dict(numpy_state, **{"fc.weight": np.zeros((1000, 2048), np.float32),
+                                 "fc.bias": np.zeros(1000, np.float32)})
+    with pytest.raises(ConversionError, match="shape mismatch 2"):
+        inception.params_from_state_dict(wrong)

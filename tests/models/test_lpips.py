@@ -92,5 +92,5 @@ def test_autoencoder_stage_with_perceptual_loss(reference, tmp_path):
     assert all(np.isfinite(r["lpips"]) and r["lpips"] > 0 and r["rec_loss"] > 0.5 * r["lpips"] for r in rows)
     assert rows[0]["adv_weight"] == 0 and 0 < rows[1]["adv_weight"] <= 1e4 and np.isfinite(rows[1]["d_loss"])
     c.autoencoder.lpips_lin = ""
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):  # a one-line ConfigError (the CLI prints it and exits 2)
         run(c, str(tmp_path / "ae2"))

@@ -68,10 +68,10 @@ def tiny_sd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd_comps(tiny_sd):
-    """Components loaded from the tiny SD folder (shared: loading traces the models for their shapes)."""
-    from ldm_jax.pipelines import load_components
+    """The LatentDiffusion of the tiny SD folder (shared: loading traces the models for their shapes)."""
+    from ldm_jax.ldm import LatentDiffusion
 
-    return load_components(tiny_sd.sd)
+    return LatentDiffusion.from_pretrained(tiny_sd.sd)
 
 
 @pytest.fixture(scope="session")

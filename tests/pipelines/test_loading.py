@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from ldm_jax.convert import compvis
 from ldm_jax.convert.common import flatten, write_safetensors
-from ldm_jax.pipelines import Img2Img, Inpaint, TextToImage, load_components, load_single_file, scheduler_from_config
+from ldm_jax.ldm import LatentDiffusion
+from ldm_jax.pipelines import Img2Img, Inpaint, TextToImage, scheduler_from_config
 from ldm_jax.types import ConfigError
 from tests.pipelines.helpers import smooth_image
 
@@ -105,7 +106,7 @@ def _compvis_file(tiny_sd, comps, path):
 def test_single_file_gives_the_same_weights(tiny_sd, comps, tmp_path):
     path = tmp_path / "tiny.safetensors"
     _compvis_file(tiny_sd, comps, path)
-    single = load_single_file(path, unet_config={"num_heads": 2, "norm_num_groups": 8},
+    single = LatentDiffusion.from_single_file(path, unet_config={"num_heads": 2, "norm_num_groups": 8},
                               vae_config={"norm_num_groups": 8})
     assert_same_tree(single.unet_params, comps.unet_params)
     assert_same_tree(single.vae_params, comps.vae_params)
@@ -120,20 +121,20 @@ def test_single_file_gives_the_same_weights(tiny_sd, comps, tmp_path):
 
 def test_workdir_uses_ema_parameters(tiny_sd, comps, tiny_workdir):
     """A stage-2 workdir gives the networks training builds from its config, with the EMA U-Net weights."""
-    import ml_collections
+    from ldm_jax.ldm import build
+    from ldm_jax.ldm.workdirs import read_config
 
-    from ldm_jax.pipelines import load_workdir
-    from ldm_jax.training.checkpoint import read_config
-    from ldm_jax.training.ldm import build
-
-    ema = load_workdir(tiny_workdir.path)
+    ema = LatentDiffusion.from_workdir(tiny_workdir.path)
     assert_same_tree(ema.unet_params, tiny_workdir.ema)
-    raw = load_workdir(tiny_workdir.path, ema=False)
+    raw = LatentDiffusion.from_pretrained(tiny_workdir.path, ema=False)
     assert_same_tree(raw.unet_params, comps.unet_params)
-    model, frozen, _, _ = build(ml_collections.ConfigDict(read_config(str(tiny_workdir.path))))
-    assert_same_tree(ema.vae_params, frozen["vae"])
-    assert_same_tree(ema.text_encoder.params, frozen["text"])
-    assert ema.vae_config == model.vae.config.replace(block_out_channels=tuple(model.vae.config.block_out_channels))
+    config = read_config(str(tiny_workdir.path))
+    model = LatentDiffusion.from_config(config)  # what training builds from the same config
+    assert model.unet_params is None and model.unet_config == ema.unet_config
+    vae_cfg, vae_params = build.frozen_vae(config["model"]["vae"])
+    assert_same_tree(ema.vae_params, vae_params)
+    assert_same_tree(ema.text_encoder.params, build.text_encoder(config["model"]["text_encoder"]).params)
+    assert ema.vae_config == vae_cfg.replace(block_out_channels=tuple(vae_cfg.block_out_channels))
     assert ema.prediction == model.prediction == "v" and ema.schedule.num_train_timesteps is None
     t = np.linspace(0.05, 0.95, 7)
     np.testing.assert_array_equal(np.asarray(ema.schedule.logsnr(t)), np.asarray(model.schedule.logsnr(t)))
@@ -146,7 +147,6 @@ def test_workdir_with_mismatched_config_is_one_line(tiny_workdir, tmp_path):
     import shutil
 
     from ldm_jax.convert.common import ConversionError
-    from ldm_jax.pipelines import load_workdir
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_workdir.path, bad)
@@ -155,7 +155,7 @@ def test_workdir_with_mismatched_config_is_one_line(tiny_workdir, tmp_path):
     cfg["model"]["unet"]["block_out_channels"] = [16]
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="do not match the config") as err:
-        load_workdir(bad)
+        LatentDiffusion.from_workdir(bad)
     assert "\n" not in str(err.value)
 
 
@@ -193,7 +193,7 @@ def test_missing_model_files(tiny_sd, tmp_path):
     import shutil
 
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_components(tmp_path / "nowhere")
+        LatentDiffusion.from_pretrained(tmp_path / "nowhere")
     partial = tmp_path / "partial"
     shutil.copytree(tiny_sd.sd, partial, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(FileNotFoundError, match="lacks vae/config.json") as err:
@@ -201,11 +201,11 @@ def test_missing_model_files(tiny_sd, tmp_path):
     assert "\n" not in str(err.value)
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ConfigError, match="not a checkpoint file"):
-        load_components(tmp_path / "weights.txt")
+        LatentDiffusion.from_pretrained(tmp_path / "weights.txt")
 
 
 def test_persistent_cache_setting_respects_user_and_opt_out(monkeypatch, tmp_path):
-    from ldm_jax.pipelines import enable_compilation_cache
+    from ldm_jax.ldm import enable_compilation_cache
 
     before = jax.config.jax_compilation_cache_dir
     try:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_jax.pipelines import Img2Img, Inpaint, TextToImage, load_components
+from ldm_jax.ldm import LatentDiffusion
+from ldm_jax.pipelines import Img2Img, Inpaint, TextToImage
 from tests.pipelines.helpers import SIZE, smooth_image
 
 STEPS, GUIDANCE = 10, 7.5
@@ -26,7 +27,7 @@ def comps(sd_comps):
 
 @pytest.fixture(scope="module")
 def comps9(tiny_sd):
-    return load_components(tiny_sd.sd_inpaint)
+    return LatentDiffusion.from_pretrained(tiny_sd.sd_inpaint)
 
 
 def noise_for(seed: int, batch: int) -> np.ndarray:
@@ -112,7 +113,7 @@ def test_inpaint_9_channel_unet_matches_diffusers(tiny_sd, comps9, monkeypatch):
                           num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
                           latents=nchw(noise), output_type="np").images
     pipe = Inpaint(comps9, compilation_cache=False)
-    assert pipe.components.is_inpainting_unet
+    assert pipe.model.is_inpainting_unet
     ours = pipe(prompts, init, mask, num_steps=STEPS, guidance_scale=GUIDANCE, noise=noise, progress=False)
     assert_matches(ours, ref)
 
@@ -132,7 +133,7 @@ def test_inpaint_latent_blending_matches_diffusers(tiny_sd, comps, monkeypatch):
                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
                    output_type="np").images
     pipe = Inpaint(comps, compilation_cache=False)
-    assert not pipe.components.is_inpainting_unet
+    assert not pipe.model.is_inpainting_unet
     ours = pipe("a red apple", init, mask, strength=0.75, num_steps=STEPS, guidance_scale=GUIDANCE, noise=noise,
                 progress=False)
     assert_matches(ours, ref)

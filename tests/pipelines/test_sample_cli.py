@@ -11,7 +11,7 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from ldm_jax.commands import sample
-from ldm_jax.pipelines.images import read_png_metadata
+from ldm_jax.images import read_png_metadata
 from tests.pipelines.helpers import smooth_image
 
 
@@ -39,8 +39,8 @@ def test_cli_samples_a_workdir_and_writes_metadata(tiny_workdir, tmp_path):
     # the CLI's own cache location (LDM_JAX_CACHE_DIR), not the one the test session exports
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(LDM_JAX_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    common = [f"--model={tiny_workdir.path}", "--negative-prompt=blurry", "--sampler=euler_ancestral", "--steps=3",
-              "--guidance=3.0", "--height=32", "--width=32", "--batch-size=3"]
+    common = [f"--model={tiny_workdir.path}", "--negative-prompt=blurry", "--sampler=euler_ancestral", "--num_steps=3",
+              "--guidance_scale=3.0", "--height=32", "--width=32", "--batch-size=3"]
     out = tmp_path / "out"
     _cli(*common, f"--prompts-file={prompts}", "--num-images=2", "--seed=7", f"--out={out}", env=env)
     files = sorted(p for p in os.listdir(out) if p != "grid.png")
@@ -50,7 +50,7 @@ def test_cli_samples_a_workdir_and_writes_metadata(tiny_workdir, tmp_path):
         meta = read_png_metadata(out / name)
         assert meta["prompt"] == ["a red circle", "a blue square in the top left"][i // 2]
         assert meta["negative_prompt"] == "blurry" and meta["seed"] == str(7 + i)
-        assert (meta["sampler"], meta["steps"], meta["guidance"]) == ("euler_ancestral", "3", "3.0")
+        assert (meta["sampler"], meta["num_steps"], meta["guidance_scale"]) == ("euler_ancestral", "3", "3.0")
         assert meta["model"] == str(tiny_workdir.path) and meta["spacing"] == "uniform"
         images.append(np.asarray(Image.open(out / name)))
     images = np.stack(images)
@@ -63,11 +63,11 @@ def test_cli_samples_a_workdir_and_writes_metadata(tiny_workdir, tmp_path):
     assert compiled  # the compiled loop went to the persistent cache
 
     # A new process: the second prompt alone, seeds 9, 10, 11, in other batches than before (one batch of 3). The
-    # images are the same, and everything it runs comes out of the persistent cache (no new entry).
+    # images are the same bit for bit, and everything it runs comes out of the persistent cache (no new entry).
     again = tmp_path / "again"
     _cli(*common, "--prompt=a blue square in the top left", "--num-images=3", "--seed=9", f"--out={again}", env=env)
     for name, before in (("0000-seed9.png", images[2]), ("0001-seed10.png", images[3])):
-        assert np.abs(np.asarray(Image.open(again / name)).astype(int) - before).max() <= 1
+        np.testing.assert_array_equal(np.asarray(Image.open(again / name)), before)
     assert _cache_entries(cache) == compiled
 
 
@@ -85,7 +85,7 @@ def test_cli_bad_input_is_one_line(tiny_sd, inputs, tmp_path, capsys):
     cases = [
         ([model, out], "empty prompt list"),
         ([model, out, "--prompt=a", "--height=60"], "--height=60 must be a positive multiple of 8"),
-        ([model, out, "--prompt=a", "--steps=0"], "--steps must be >= 1"),
+        ([model, out, "--prompt=a", "--num_steps=0"], "--num_steps must be >= 1"),
         ([model, out, "--prompt=a", f"--init-image={inputs / 'init.png'}", "--strength=1.5"], r"\[0, 1\]"),
         ([f"--model={tmp_path / 'none'}", out, "--prompt=a"], "not found"),
         ([model, out, "--prompt=a", f"--mask={inputs / 'mask32.png'}"], "--mask needs --init-image"),

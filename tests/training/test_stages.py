@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ldm_jax.commands.demo import demo_prompts, run_demo
 from ldm_jax.training.writers import read_metrics
@@ -37,38 +38,76 @@ def test_demo_tiny_runs_both_stages_and_resumes(tmp_path):
         assert json.load(f)["color_acc"] == summary["color_acc"]
     assert os.path.getsize(os.path.join(workdir, "samples.png")) > 1000
 
-    # the trained workdir samples through the `ldm-jax sample` CLI (EMA parameters, PNG metadata)
-    out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "sample", f"--model={workdir}/ldm",
-                           "--prompt=a red circle in the top left", "--steps=3", "--guidance=2", "--seed=5",
-                           "--num-images=2", f"--out={out}", "--height=16", "--width=16"],
+    one_model_one_path(tmp_path, os.path.join(workdir, "ldm"))
+
+    # `ldm-jax evaluate` on the autoencoder: PSNR/SSIM of held-out data and photos
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "evaluate", f"--workdir={workdir}/autoencoder"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png") and p != "grid.png")
-    assert len(pngs) == 2
-    from PIL import Image
-
-    meta = Image.open(out / pngs[0]).text
-    assert "a red circle" in meta.get("prompt", "") and meta.get("seed") in ("5", "6"), meta
-
-    # `ldm-jax evaluate` on both trained workdirs: shapes adherence of the LDM, PSNR/SSIM of the autoencoder
-    for stage, extra in (("ldm", ["--num_samples=18", "--num_steps=2"]), ("autoencoder", [])):
-        proc = subprocess.run([sys.executable, "-m", "ldm_jax", "evaluate", f"--workdir={workdir}/{stage}", *extra],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        with open(os.path.join(workdir, stage, "eval.json")) as f:
-            result = json.load(f)
-        assert result["stage"] == stage
-        if stage == "ldm":
-            assert result["num_images"] == 18 and result["num_steps"] == 2
-            assert all(0.0 <= result[k] <= 1.0 for k in ("color_acc", "shape_acc", "heldout_color_acc"))
-        else:
-            assert 5.0 < result["heldout_psnr"] < 60.0 and -1.0 <= result["heldout_ssim"] <= 1.0
-            assert np.isfinite(result["photos_psnr"]) and np.isfinite(result["photos_ssim"])
+    with open(os.path.join(workdir, "autoencoder", "eval.json")) as f:
+        result = json.load(f)
+    assert result["stage"] == "autoencoder"
+    assert 5.0 < result["heldout_psnr"] < 60.0 and -1.0 <= result["heldout_ssim"] <= 1.0
+    assert np.isfinite(result["photos_psnr"]) and np.isfinite(result["photos_ssim"])
 
     again = run_demo(workdir, "tiny")  # rerun continues: both stages are finished, nothing retrains
     assert len(read_metrics(os.path.join(workdir, "autoencoder"))) == len(ae)
     assert again["color_acc"] == summary["color_acc"]
+
+
+def _pngs(folder) -> list:
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".png") and n != "grid.png")
+    return [np.asarray(Image.open(os.path.join(folder, n))) for n in names]
+
+
+def one_model_one_path(tmp_path, ldm_dir: str):
+    """One trained workdir, one prompt list, seed, sampler, steps and guidance: `ldm-jax sample`, `ldm-jax
+    evaluate --save_images`, the training loop's grid and the Python API give the same pixels, bit for bit;
+    so do a batch of 1 vs 8 and 1 vs 8 devices."""
+    import jax
+
+    from ldm_jax.configlib import load_config
+    from ldm_jax.images import make_grid
+    from ldm_jax.ldm import LatentDiffusion
+
+    prompts, _ = demo_prompts()  # the 18 prompts `evaluate` scores on shapes
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    sample_dir, eval_dir = tmp_path / "sampled", tmp_path / "evaluated"
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "sample", f"--model={ldm_dir}", "--num_steps=2",
+                           f"--prompts_file={tmp_path / 'prompts.txt'}", "--seed=0", f"--out={sample_dir}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "evaluate", f"--workdir={ldm_dir}", "--num_samples=18",
+                           "--num_steps=2", f"--save_images={eval_dir}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(ldm_dir, "eval.json")) as f:
+        result = json.load(f)
+    assert result["stage"] == "ldm" and result["num_images"] == 18 and result["num_steps"] == 2
+    assert all(0.0 <= result[k] <= 1.0 for k in ("color_acc", "shape_acc", "heldout_color_acc"))
+    sampled, evaluated = np.stack(_pngs(sample_dir)), np.stack(_pngs(eval_dir))
+    assert sampled.shape == (18, 16, 16, 3) and sampled.std() > 1
+    np.testing.assert_array_equal(sampled, evaluated)
+    meta = Image.open(sample_dir / "0005-seed5.png").text
+    assert meta["prompt"] == prompts[5] and meta["seed"] == "5" and meta["num_steps"] == "2"
+
+    model = LatentDiffusion.from_workdir(ldm_dir)
+    settings = dict(sampler="ddim", num_steps=2, guidance_scale=3.0)  # the tiny config's sample section
+    assert model.generate(prompts[:1], **settings).shape == (1, 16, 16, 3)
+    api = model.generate(prompts, seed=0, **settings)  # all 18 at once over the 8 devices
+    np.testing.assert_array_equal(api, sampled)
+    alone = model.generate(prompts[7:8], seed=7, **settings)  # image 7 alone (batch of 1, one device)
+    np.testing.assert_array_equal(alone[0], sampled[7])
+    one_device = model.generate(prompts[:8], seed=0, batch_size=8, devices=jax.devices()[:1], **settings)
+    np.testing.assert_array_equal(one_device, sampled[:8])
+    in_ones = model.generate(prompts[:8], seed=0, batch_size=1, **settings)
+    np.testing.assert_array_equal(in_ones, sampled[:8])
+
+    # the training loop's grid of step 4 (EMA parameters, the config's sample section) is that checkpoint's images
+    cfg = load_config("configs/shapes_ldm.py:tiny").sample
+    grid_images = model.generate(list(cfg.prompts), seed=int(cfg.seed), sampler=str(cfg.sampler),
+                                 num_steps=int(cfg.num_steps), guidance_scale=float(cfg.guidance_scale))
+    grid = np.asarray(Image.open(os.path.join(ldm_dir, "samples", "0000004.png")))
+    np.testing.assert_array_equal(grid, make_grid(grid_images))
 
 
 def test_eval_callbacks_log_metrics_during_training(tmp_path):
@@ -98,10 +137,10 @@ def test_eval_callbacks_log_metrics_during_training(tmp_path):
 
     ldm.eval.metrics = ("fd_fmnist",)  # a metric of another dataset: one clear error before training
     with pytest.raises(ConfigError, match="fashion_mnist"):
-        stage_metrics.ldm_callbacks(ldm, generator=None)
+        stage_metrics.ldm_callbacks(ldm, generate=None)
     ldm.eval.metrics = ("adherance",)
     with pytest.raises(ConfigError, match="did you mean 'adherence'"):
-        stage_metrics.ldm_callbacks(ldm, generator=None)
+        stage_metrics.ldm_callbacks(ldm, generate=None)
 
 
 def test_diffusion_section_truncates_continuous_schedules():
@@ -112,7 +151,7 @@ def test_diffusion_section_truncates_continuous_schedules():
     import ml_collections
 
     from ldm_jax.configlib import base_config
-    from ldm_jax.training import components
+    from ldm_jax.ldm import build as components
     from ldm_jax.types import ConfigError
 
     c = base_config()

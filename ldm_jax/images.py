@@ -1,8 +1,10 @@
-"""Host-side image helpers for the pipelines: array conversions, file I/O, PNG metadata and grids.
+"""The one set of image helpers: uint8 conversion, input images and masks, PNG files with metadata, grids.
 
-Pipelines work on uint8 (B, H, W, 3) images at their interfaces; inside the jitted loop images are float in
-[-1, 1] (the VAE's range): ``x = u8 / 127.5 - 1`` and back ``u8 = round(255 clip((x + 1) / 2, 0, 1))`` (the
-rounding diffusers' ``numpy_to_pil`` uses). Masks are (B, H, W, 1) floats, binarised at 0.5: 1 where new
+Everything that writes or scores images (generation, training grids, evaluation, the demo) uses these, so one
+rounding rule holds everywhere. Interfaces are uint8 (B, H, W, 3); inside jitted code images are float in
+[-1, 1] (the VAE's range): ``x = u8 / 127.5 - 1`` and back ``u8 = round(255 clip((x + 1) / 2, 0, 1))`` with
+round-half-to-even (the rounding diffusers' ``numpy_to_pil`` uses), in and out of jit.
+Masks are (B, H, W, 1) floats, binarised at 0.5: 1 where new
 content is generated, 0 where the input image is kept (diffusers' convention: white = repaint).
 """
 
@@ -20,8 +22,11 @@ from ldm_jax.types import Array, ConfigError
 
 
 def to_uint8(images: Array) -> Array:
-    """[-1, 1] floats -> uint8 with round(255 clip((x + 1) / 2, 0, 1)); works in and out of jit."""
-    return jnp.round(jnp.clip(images * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    """[-1, 1] floats -> uint8 with round(255 clip((x + 1) / 2, 0, 1)), in float32; in jit a jax array, on numpy
+    input a numpy array (the same values)."""
+    xp = np if isinstance(images, np.ndarray) else jnp
+    x = xp.asarray(images, xp.float32)
+    return xp.round(xp.clip(x * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(xp.uint8)
 
 
 def as_image_batch(image, what: str = "image") -> np.ndarray:
@@ -114,11 +119,16 @@ def resize(images: np.ndarray, height: int, width: int, *, mask: bool = False) -
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray, metadata: Mapping[str, object] | None = None) -> None:
-    """Writes a uint8 (H, W, 3) image as PNG with `metadata` as tEXt chunks (values converted with str)."""
+    """Writes a uint8 (H, W, 3) image as PNG with `metadata` as tEXt chunks (values converted with str).
+
+    The file appears whole or not at all (written beside it, then renamed)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), "" if value is None else str(value))
-    Image.fromarray(np.asarray(image, np.uint8)).save(os.fspath(path), pnginfo=info)
+    path = os.fspath(path)
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, pnginfo=info)
+    os.replace(tmp, path)
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -131,6 +141,8 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
 def make_grid(images: Sequence[np.ndarray] | np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
     """Tiles uint8 (H, W, 3) images row by row into one image; `cols` defaults to ceil(sqrt(n))."""
     images = np.asarray(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
     n, h, w, c = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

@@ -1,0 +1,420 @@
+"""The one generation path: prompts (+ images, masks) -> uint8 images, used through `LatentDiffusion.generate`.
+
+Per micro-batch of m images, inside one `jax.jit` (compiled once per options, micro-batch, devices and batch
+shapes, cached on the model):
+
+    context = text_encoder(ids); uncond = text_encoder(negative ids)          (CFG: Ho & Salimans 2022)
+    [img2img / inpaint: known = VAE latents of the input image (posterior mean) x scaling_factor]
+    x0 = diffusion.sample(cfg(unet), noise, ...)                              the whole loop: one lax.scan
+    images = round(255 clip((VAE.decode(x0 / scaling_factor) + 1) / 2, 0, 1))
+
+The seeding rule, the same in every command: image i of a call with seed s (images ordered prompt by prompt,
+`num_images_per_prompt` each) starts from noise_i = N(0, I) drawn with ``jax.random.key(s + i)``, and
+stochastic samplers (ddpm, euler_ancestral, dpmpp_2m_sde, ddim with eta > 0, churn > 0) draw its step noise
+from ``fold_in(key(s + i), 1)`` (step j: ``fold_in(that, j)``), per image. So image i of seed s is image 0 of
+seed s + i, alone.
+
+Bitwise reproducibility: floating-point sums inside the networks depend on how many images they process at
+once, so the batch is cut into micro-batches of `micro_batch` images (default 1) and every micro-batch runs
+through the same compiled body (`lax.map` on each device, `shard_map` over the devices; the last batch is
+padded by repetition). An image therefore comes out bit-identical whatever the call's batch size, its
+neighbours, its position or the number of devices; only `micro_batch` (a throughput knob) changes the
+rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ldm_jax import diffusion
+from ldm_jax import images as imlib
+from ldm_jax.models.unet import UNet
+from ldm_jax.models.vae import AutoencoderKL
+from ldm_jax.types import Array, ConfigError, FrozenConfig, PyTree, nearest
+
+logger = logging.getLogger("ldm_jax.ldm")
+
+TASKS = ("text", "img2img", "inpaint")
+_GRID_KEYWORDS = ("rho", "sigma_min", "sigma_max", "t_max")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(FrozenConfig):
+    """Typed ``sample`` config section: what training grids, evaluation and the CLI generate with by default.
+
+    every_steps: training grid period (0: none); prompts: the grid's prompts; negative_prompt: for every prompt;
+    sampler, num_steps, guidance_scale, seed: as `LatentDiffusion.generate`; micro_batch: images the network
+    sees at once (results depend on it, never on batch sizes or devices).
+    """
+
+    every_steps: int = 0
+    prompts: tuple = ("a red circle in the top left",)
+    negative_prompt: str = ""
+    sampler: str = "ddim"
+    num_steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 0
+    micro_batch: int = 1
+
+    def __post_init__(self):
+        check_choice("sample.sampler", self.sampler, diffusion.SAMPLERS)
+        checks = [
+            (self.every_steps >= 0, f"sample.every_steps must be >= 0, got {self.every_steps}"),
+            (self.num_steps >= 1, f"sample.num_steps must be >= 1, got {self.num_steps}"),
+            (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+             f"sample.guidance_scale must be a finite number >= 0, got {self.guidance_scale}"),
+            (self.seed >= 0, f"sample.seed must be >= 0, got {self.seed}"),
+            (self.micro_batch >= 1, f"sample.micro_batch must be >= 1, got {self.micro_batch}"),
+            (all(isinstance(p, str) for p in self.prompts), "sample.prompts must be strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def generate_kwargs(self) -> dict:
+        """The keyword arguments of `LatentDiffusion.generate` this section sets."""
+        return dict(negative_prompt=self.negative_prompt or None, sampler=self.sampler, num_steps=self.num_steps,
+                    guidance_scale=self.guidance_scale, seed=self.seed, micro_batch=self.micro_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static settings of one compiled generation function (hashable; part of the compile-cache key)."""
+
+    task: str  # "text", "img2img", "inpaint"
+    sampler: str
+    num_steps: int
+    spacing: str
+    final: str
+    steps_offset: int
+    prediction: str
+    strength: float
+    guided: bool
+    guidance_rescale: float
+    guidance_interval: tuple | None
+    eta: float | None
+    extra: tuple  # sorted (name, value) pairs passed on to diffusion.sample
+
+    @property
+    def stochastic(self) -> bool:
+        extra = dict(self.extra)
+        return diffusion.sampler_spec(self.sampler).is_stochastic(self.eta, extra.get("churn", 0.0))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UNetDenoiser:
+    """``(x_t, t, context) -> network output`` for `diffusion.cfg` / `diffusion.sample` and the training loss.
+
+    t is the framework's (B,) time in [0, 1]; the U-Net gets ``schedule.timestep(t)``. `context` is the
+    text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra` channels
+    (mask, masked-image latents) are appended to x_t along the channel axis. The output is float32.
+    """
+
+    params: PyTree
+    schedule: PyTree
+    module: UNet = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x: Array, t: Array, context: PyTree) -> Array:
+        if isinstance(context, dict):
+            x = jnp.concatenate([x, context["concat"].astype(x.dtype)], axis=-1)
+            context = context["text"]
+        timesteps = self.schedule.timestep(t)
+        return self.module.apply({"params": self.params}, x, timesteps, context).astype(jnp.float32)
+
+
+def _conditional(denoiser, context, x, t):
+    return denoiser(x, t, context)
+
+
+def _sample(opts: Options, params: PyTree, denoiser, noise, rng, ctx, uctx, scale, init, mask, known):
+    if opts.guided:
+        fn = diffusion.cfg(denoiser, ctx, uctx, scale, rescale=opts.guidance_rescale, interval=opts.guidance_interval)
+    else:
+        fn = jax.tree_util.Partial(_conditional, denoiser, ctx)
+    return diffusion.sample(
+        fn, noise, schedule=params["schedule"], prediction=opts.prediction, sampler=opts.sampler,
+        num_steps=opts.num_steps, rng=rng, spacing=opts.spacing, final=opts.final, eta=opts.eta,
+        steps_offset=opts.steps_offset, init=init, strength=opts.strength if init is not None else 1.0,
+        mask=mask, known=known, **dict(opts.extra),
+    )
+
+
+def _sample_batch(opts, params, denoiser, noise, keys, ctx, uctx, scale, init, mask, known):
+    """Deterministic samplers: one batched loop. Stochastic ones: vmapped per image with its own key."""
+    if not opts.stochastic:
+        return _sample(opts, params, denoiser, noise, None, ctx, uctx, scale, init, mask, known)
+
+    def one(noise, key, ctx, uctx, init, mask, known):
+        add = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        rng = jax.random.fold_in(key, 1)
+        out = _sample(opts, params, denoiser, add(noise), rng, add(ctx), add(uctx), scale, add(init), add(mask),
+                      add(known))
+        return out[0]
+
+    return jax.vmap(one)(noise, keys, ctx, uctx, init, mask, known)
+
+
+def _image_conditioning(model, opts: Options, vae, vae_params, batch: dict):
+    """(init, mask, known, extra) from the input image and mask of img2img / inpainting (None when unused).
+
+    init: latents img2img starts from; mask, known: latent blending; extra: the [mask, masked-image latents]
+    channels of an inpainting U-Net. Images that are needed together go through the encoder as one batch.
+    """
+    if "image" not in batch:
+        return None, None, None, None
+    image = batch["image"]
+    encode = lambda x: vae.apply({"params": vae_params}, x, method=AutoencoderKL.latents)
+    start_from_image = opts.task == "img2img" or opts.strength < 1.0
+    if "mask" not in batch:
+        known = encode(image)
+        return known, None, None, None
+    m = batch["mask"]
+    m_lat = m[:, ::model.downsample_factor, ::model.downsample_factor, :]  # nearest, as torch's interpolate
+    if not model.is_inpainting_unet:
+        known = encode(image)
+        return (known if start_from_image else None), m_lat, known, None
+    masked_image = image * (1.0 - m)
+    if start_from_image:
+        known, masked = jnp.split(encode(jnp.concatenate([image, masked_image])), 2)
+    else:
+        known, masked = None, encode(masked_image)
+    return known, None, None, jnp.concatenate([m_lat, masked], axis=-1)
+
+
+def micro_batch_images(model, opts: Options, params: PyTree, batch: dict, scale) -> jax.Array:
+    """The traced body for one micro-batch: tokens (+ images, masks) -> uint8 images (m, H, W, 3)."""
+    unet, vae = model.unet, model.vae
+    te = model.text_encoder
+    if opts.guided:  # prompts and negative prompts in one pass of the text encoder
+        both = te.encode_ids(params["text"], jnp.concatenate([batch["ids"], batch["uncond_ids"]]),
+                             jnp.concatenate([batch["attn"], batch["uncond_attn"]]))
+        ctx, uctx = jnp.split(both, 2)
+    else:
+        ctx, uctx = te.encode_ids(params["text"], batch["ids"], batch["attn"]), None
+    init, mask, known, extra = _image_conditioning(model, opts, vae, params["vae"], batch)
+    if extra is not None:
+        ctx = {"text": ctx, "concat": extra}
+        uctx = None if uctx is None else {"text": uctx, "concat": extra}
+    denoiser = UNetDenoiser(params["unet"], params["schedule"], unet)
+    keys = jax.vmap(jax.random.key)(batch["seeds"])
+    x0 = _sample_batch(opts, params, denoiser, batch["noise"], keys, ctx, uctx, scale, init, mask, known)
+    if mask is not None:  # the kept region is exactly the input's latents at the end (as diffusers' last step)
+        x0 = mask * x0 + (1.0 - mask) * known
+    decoded = vae.apply({"params": params["vae"]}, x0, method=AutoencoderKL.decode_latents)
+    return imlib.to_uint8(decoded.astype(jnp.float32))
+
+
+def _per_device(model, opts: Options, micro: int, params: PyTree, batch: dict, scale) -> jax.Array:
+    """This device's images, micro-batch after micro-batch through the same body."""
+    n = batch["ids"].shape[0]
+    chunks = jax.tree.map(lambda a: a.reshape(n // micro, micro, *a.shape[1:]), batch)
+    out = jax.lax.map(lambda b: micro_batch_images(model, opts, params, b, scale), chunks)
+    return out.reshape(n, *out.shape[2:])
+
+
+def seeded_noise(seeds, latent_shape: tuple) -> np.ndarray:
+    """The initial latents of images with these seeds: image i gets N(0, I) drawn from jax.random.key(seeds[i])."""
+    draw = jax.jit(lambda k: jax.random.normal(k, latent_shape, jnp.float32))
+    return np.stack([np.asarray(draw(jax.random.key(int(s)))) for s in seeds])
+
+
+def check_choice(kind: str, name: str, choices) -> None:
+    if name not in choices:
+        raise ConfigError(f"unknown {kind} '{name}'{nearest(str(name), choices)}; choose one of: {', '.join(choices)}")
+
+
+def _as_prompt_list(prompts) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ConfigError("empty prompt list: pass at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"prompts must be strings, got {type(bad[0]).__name__}")
+    return prompts
+
+
+def _per_prompt(value, num_prompts: int, what: str) -> list[str]:
+    if value is None:
+        return [""] * num_prompts
+    if isinstance(value, str):
+        return [value] * num_prompts
+    value = list(value)
+    if len(value) != num_prompts:
+        raise ConfigError(f"{what}: got {len(value)} for {num_prompts} prompts; pass one, or one per prompt")
+    return value
+
+
+def _per_image(arr: np.ndarray | None, num_prompts: int, per_prompt: int, what: str) -> np.ndarray | None:
+    """A batch of 1, one per prompt, or one per output image -> one per output image."""
+    if arr is None:
+        return None
+    total = num_prompts * per_prompt
+    if arr.shape[0] == 1:
+        return np.repeat(arr, total, axis=0)
+    if arr.shape[0] == num_prompts:
+        return np.repeat(arr, per_prompt, axis=0)
+    if arr.shape[0] == total:
+        return arr
+    raise ConfigError(f"{what}: got {arr.shape[0]}; pass 1, one per prompt ({num_prompts}) or one per image ({total})")
+
+
+def make_options(model, *, task: str, sampler: str, num_steps: int, spacing, eta, strength: float,
+                 guidance_scale: float, guidance_rescale: float, final, sampler_options: dict,
+                 guidance_interval=None) -> Options:
+    """Checks the sampling settings (one-line ConfigError) and fills the model's defaults."""
+    check_choice("sampler", sampler, diffusion.SAMPLERS)
+    d = model.defaults
+    spacing = spacing or d.spacing
+    check_choice("spacing", spacing, diffusion.SPACINGS)
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
+        raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"strength must be in [0, 1], got {strength}")
+    if task != "text" and int(num_steps * strength) < 1:
+        raise ConfigError(f"strength={strength} with num_steps={num_steps} runs no denoising step; raise "
+                          "strength or num_steps")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ConfigError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if guidance_interval is not None and not (len(guidance_interval) == 2
+                                              and 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0):
+        raise ConfigError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
+    allowed = diffusion.SAMPLER_OPTIONS + _GRID_KEYWORDS
+    unknown = [k for k in sampler_options if k not in allowed or k == "eta"]
+    if unknown:
+        raise ConfigError(f"unknown sampler option '{unknown[0]}'{nearest(unknown[0], allowed)}")
+    return Options(
+        task=task, sampler=sampler, num_steps=int(num_steps), spacing=spacing,
+        final=final or d.final_for(sampler), steps_offset=d.steps_offset, prediction=model.prediction,
+        strength=float(strength), guided=float(guidance_scale) > 1.0, guidance_rescale=float(guidance_rescale),
+        guidance_interval=None if guidance_interval is None else tuple(float(v) for v in guidance_interval),
+        eta=None if eta is None else float(eta), extra=tuple(sorted(sampler_options.items())),
+    )
+
+
+def _compiled(model, opts: Options, micro: int, mesh: Mesh, params, batch: dict, scale):
+    """The compiled function of these options, micro-batch, devices and batch shapes (cached on the model)."""
+    signature = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+    key = (opts, micro, tuple(d.id for d in mesh.devices.flat), signature)
+    fn = model._compiled.get(key)
+    if fn is None:
+        start = time.perf_counter()
+        body = functools.partial(_per_device, model, opts, micro)
+        mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("gen"), P()), out_specs=P("gen"))
+        fn = jax.jit(mapped).lower(params, batch, scale).compile()
+        logger.info("compiled %s/%s/%d steps for batch %s (micro-batch %d, %d devices) in %.1f s", opts.task,
+                    opts.sampler, opts.num_steps, batch["ids"].shape[0], micro, mesh.size,
+                    time.perf_counter() - start)
+        model._compiled[key] = fn
+    return fn
+
+
+def _placed(model, params: PyTree, mesh: Mesh) -> PyTree:
+    """`params` replicated on the mesh (the model's own parameters are placed once per device set)."""
+    sharding = NamedSharding(mesh, P())
+    own = params["unet"] is model.unet_params
+    key = ("params", tuple(d.id for d in mesh.devices.flat))
+    if own and key in model._compiled:
+        return model._compiled[key]
+    placed = jax.device_put(params, sharding)
+    if own:
+        model._compiled[key] = placed
+    return placed
+
+
+def host_inputs(model, prompts, negatives, n: int, seed: int, guided: bool) -> dict:
+    te = model.text_encoder
+    ids, attn = te.tokenize(prompts)
+    inputs = {"ids": np.repeat(ids, n, 0), "attn": np.repeat(attn, n, 0),
+              "seeds": (seed + np.arange(len(prompts) * n)).astype(np.uint32)}
+    if guided:
+        uids, uattn = te.tokenize(negatives)
+        inputs.update(uncond_ids=np.repeat(uids, n, 0), uncond_attn=np.repeat(uattn, n, 0))
+    return inputs
+
+
+def _check_size(model, height: int, width: int) -> None:
+    mult = max(8, model.downsample_factor)
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, (int, np.integer)) or v <= 0 or v % mult:
+            raise ConfigError(f"{name}={v} must be a positive multiple of {mult}; resize the input image or pass "
+                              f"another {name}")
+
+
+def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None, mask=None,
+        num_images_per_prompt: int = 1, height=None, width=None, seed: int = 0, noise=None, batch_size=None,
+        micro_batch: int = 1, devices=None, params: PyTree, progress: bool = False, **settings) -> np.ndarray:
+    """``LatentDiffusion.generate`` (see there): checks everything, then runs the batches."""
+    prompts = _as_prompt_list(prompts)
+    negatives = _per_prompt(negative_prompt, len(prompts), "negative_prompt")
+    n = int(num_images_per_prompt)
+    if n < 1:
+        raise ConfigError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    if not isinstance(micro_batch, (int, np.integer)) or micro_batch < 1:
+        raise ConfigError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
+    opts = make_options(model, task=task, **settings)
+    if image is not None:
+        image = imlib.as_image_batch(image)
+        height, width = image.shape[1:3]
+    if mask is not None:
+        mask = imlib.as_mask_batch(mask)
+        if mask.shape[1:3] != image.shape[1:3]:
+            raise ConfigError(f"mask size {mask.shape[2]}x{mask.shape[1]} does not match the image size "
+                              f"{image.shape[2]}x{image.shape[1]} (width x height)")
+    elif model.is_inpainting_unet:
+        raise ConfigError(f"this U-Net takes {model.unet_config.in_channels} input channels (an inpainting U-Net): "
+                          "use the Inpaint pipeline (generate with an image and a mask)")
+    height, width = height or model.size, width or model.size
+    _check_size(model, height, width)
+    total = len(prompts) * n
+    if not isinstance(seed, (int, np.integer)) or seed < 0 or seed + total > 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2^32 - number of images), got {seed!r}")
+    latent_shape = (height // model.downsample_factor, width // model.downsample_factor, model.latent_channels)
+    inputs = host_inputs(model, prompts, negatives, n, seed, opts.guided)
+    noise = seeded_noise(inputs["seeds"], latent_shape) if noise is None else np.asarray(noise, np.float32)
+    if noise.shape != (total, *latent_shape):
+        raise ConfigError(f"noise has shape {noise.shape}, expected {(total, *latent_shape)} (NHWC latents)")
+    inputs["noise"] = noise
+    if image is not None:
+        inputs["image"] = imlib.to_model_range(_per_image(image, len(prompts), n, "number of images"))
+    if mask is not None:
+        inputs["mask"] = _per_image(mask, len(prompts), n, "number of masks")
+    return _run_batches(model, opts, inputs, total, batch_size, int(micro_batch), devices, params,
+                        settings["guidance_scale"], progress)
+
+
+def _run_batches(model, opts, inputs, total, batch_size, micro, devices, params, guidance_scale, progress):
+    from tqdm.auto import tqdm
+
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    devices = list(devices or jax.local_devices())
+    bs = min(int(batch_size or total), total)
+    num_dev = max(1, min(len(devices), -(-bs // micro)))
+    mesh = Mesh(np.array(devices[:num_dev]), ("gen",))
+    per_call = -(-bs // (micro * num_dev)) * micro * num_dev  # padded to whole micro-batches on every device
+    params = _placed(model, params, mesh)
+    data = NamedSharding(mesh, P("gen"))
+    scale = jax.device_put(np.float32(guidance_scale), NamedSharding(mesh, P()))
+    outputs = []
+    starts = range(0, total, bs)
+    bar = tqdm(starts, desc=f"{opts.task} {opts.sampler} x{opts.num_steps}", unit="batch",
+               disable=not progress or len(starts) < 2)
+    for start in bar:
+        idx = np.minimum(np.arange(start, start + per_call), min(start + bs, total) - 1)  # pad by repetition
+        batch = jax.device_put({k: v[idx] for k, v in inputs.items()}, data)
+        fn = _compiled(model, opts, micro, mesh, params, batch, scale)
+        outputs.append(np.asarray(fn(params, batch, scale))[: min(bs, total - start)])
+    return np.concatenate(outputs, axis=0)

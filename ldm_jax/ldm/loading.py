@@ -1,0 +1,312 @@
+"""Where a `LatentDiffusion` comes from: the pieces (configs, parameters, text encoder, schedule, defaults) read
+from the places weights live. Each ``*_parts`` function returns the keyword arguments of `LatentDiffusion`.
+
+(a) a diffusers-layout SD 1.x/2.x folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/scheduler_config.json``): `diffusers_parts`. The scheduler config is honoured: beta_schedule
+    (linear, scaled_linear, squaredcos_cap_v2) or trained_betas, beta_start/end, num_train_timesteps,
+    rescale_betas_zero_snr, prediction_type (epsilon, v_prediction, sample), timestep_spacing, steps_offset,
+    set_alpha_to_one (DDIM's last step), final_sigmas_type, use_karras_sigmas; clip_sample and thresholding
+    must be false. Keys a config omits take the defaults of the diffusers class it names.
+(b) a CompVis single-file checkpoint (``.safetensors`` / ``.ckpt``): `single_file_parts`, through
+    ``ldm_jax.convert.compvis``, with SD's scheduler (scaled_linear 0.00085..0.012, leading spacing, offset 1,
+    DDIM to timestep 0) and OpenAI's CLIP tokenizer. SD 2.x files default to v-prediction (the 768-v models);
+    pass ``prediction="eps"`` for 2.x-base.
+(c) an ldm_jax stage-2 (ldm) training workdir (``checkpoints/<step>/``): `workdir_parts`, EMA parameters by
+    default; the saved config is read by `config_parts`, the function training builds its model with.
+(d) a model id (``org/name``) in the local Hugging Face cache: `cached_snapshot` finds its snapshot folder
+    without any network access, then (a) or (b) reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import diffusion
+from ldm_jax.convert import compvis
+from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert.common import ConversionError, flatten
+from ldm_jax.ldm import build
+from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
+from ldm_jax.models.layers import unbox
+from ldm_jax.models.text import CLIPTextEncoder
+from ldm_jax.models.text_encoder import TextEncoder
+from ldm_jax.models.tokenizers import EOS, CLIPTokenizer
+from ldm_jax.models.unet import unet_param_shapes
+from ldm_jax.types import ConfigError
+
+logger = logging.getLogger("ldm_jax.ldm")
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SD_FOLDERS = ("unet", "vae", "text_encoder")
+# diffusers' per-class defaults for the keys a scheduler_config.json may omit.
+_LEADING_CLASSES = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler")
+_UNSUPPORTED_TRUE = ("clip_sample", "thresholding")
+PREDICTION_NAMES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "eps": "eps", "v": "v", "x0": "x0",
+                    "flow": "flow"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """Grid settings a model's scheduler config asks for (diffusers' names in brackets).
+
+    spacing [timestep_spacing]: leading / trailing / linspace for SD tables, uniform for continuous schedules;
+    steps_offset [steps_offset]; final_ddim [set_alpha_to_one: True -> "zero", False -> "sigma_min"] is the
+    target of DDIM's last step; final [final_sigmas_type] that of euler/heun/dpmpp/unipc.
+    """
+
+    spacing: str = "leading"
+    steps_offset: int = 1
+    final_ddim: str = "sigma_min"
+    final: str = "zero"
+
+    def final_for(self, sampler: str) -> str:
+        if sampler == "ddim":
+            return self.final_ddim
+        return "zero" if sampler == "ddpm" else self.final
+
+    @classmethod
+    def for_schedule(cls, schedule) -> SamplingDefaults:
+        """What a model trained by this framework samples with: SD's leading grid on discrete tables (offset 1),
+        the uniform grid on continuous schedules; every sampler ends at sigma = 0."""
+        discrete = schedule.num_train_timesteps is not None
+        return cls(spacing="leading" if discrete else "uniform", steps_offset=1 if discrete else 0,
+                   final_ddim="zero", final="zero")
+
+
+# ---------------------------------------------------------------------------- scheduler configs
+def _cosine_betas(num: int, max_beta: float = 0.999) -> np.ndarray:
+    """diffusers' squaredcos_cap_v2 (Nichol & Dhariwal 2021): beta_n = min(1 - abar((n+1)/T) / abar(n/T), 0.999),
+    abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2."""
+    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - abar((n + 1) / num) / abar(n / num), max_beta) for n in range(num)], np.float64)
+
+
+def _table(d: Mapping) -> diffusion.DiscreteSchedule:
+    num = int(d.get("num_train_timesteps", 1000))
+    if d.get("trained_betas") is not None:
+        return diffusion.DiscreteSchedule.from_betas(np.asarray(d["trained_betas"], np.float64))
+    kind = d.get("beta_schedule", "linear")
+    start, end = float(d.get("beta_start", 1e-4)), float(d.get("beta_end", 0.02))
+    if kind == "linear":
+        return diffusion.linear(num, start, end)
+    if kind == "scaled_linear":
+        return diffusion.scaled_linear(num, start, end)
+    if kind == "squaredcos_cap_v2":
+        return diffusion.DiscreteSchedule.from_betas(_cosine_betas(num))
+    raise ConfigError(f"scheduler config: beta_schedule='{kind}' is not supported (linear, scaled_linear, "
+                      "squaredcos_cap_v2 or trained_betas)")
+
+
+def scheduler_from_config(d: Mapping) -> tuple[diffusion.Schedule, str, SamplingDefaults]:
+    """A diffusers scheduler_config.json dict -> (schedule, prediction, sampling defaults)."""
+    for key in _UNSUPPORTED_TRUE:
+        if d.get(key):
+            raise ConfigError(f"scheduler config: {key}=true is not supported; set it to false (SD's configs do)")
+    pred = d.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_NAMES:
+        raise ConfigError(f"scheduler config: prediction_type='{pred}' is unknown (epsilon, v_prediction, sample)")
+    schedule = _table(d)
+    if d.get("rescale_betas_zero_snr"):
+        schedule = diffusion.zero_terminal_snr(schedule)
+    cls = d.get("_class_name", "DDIMScheduler")
+    spacing = d.get("timestep_spacing") or ("leading" if cls in _LEADING_CLASSES else "linspace")
+    if d.get("use_karras_sigmas"):
+        spacing = "karras"
+    if spacing not in diffusion.SPACINGS:
+        raise ConfigError(f"scheduler config: timestep_spacing='{spacing}' is unknown ({diffusion.SPACINGS})")
+    alpha_to_one = d.get("set_alpha_to_one", cls != "PNDMScheduler")
+    defaults = SamplingDefaults(
+        spacing=spacing,
+        steps_offset=int(d.get("steps_offset", 0)),
+        final_ddim="zero" if alpha_to_one else "sigma_min",
+        final=d.get("final_sigmas_type") or "zero",
+    )
+    return schedule, PREDICTION_NAMES[pred], defaults
+
+
+SD_SCHEDULER = dict(_class_name="DDIMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                    timestep_spacing="leading")
+
+
+# ---------------------------------------------------------------------------- (a) diffusers folders
+def _require(path: str, sub: str) -> str:
+    folder = os.path.join(path, sub)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"model folder '{path}' lacks {sub}/config.json; a diffusers SD folder holds "
+                                f"{', '.join(s + '/' for s in SD_FOLDERS)}tokenizer/ and scheduler/")
+    return folder
+
+
+def diffusers_parts(path: str | os.PathLike, *, dtype=None, variant: str | None = None) -> dict:
+    """A diffusers StableDiffusionPipeline folder (see the module docstring)."""
+    path = os.fspath(path)
+    unet_dir, vae_dir, te_dir = (_require(path, s) for s in SD_FOLDERS)
+    sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_file):
+        with open(sched_file) as f:
+            sched = json.load(f)
+    else:
+        logger.warning("%s has no scheduler/scheduler_config.json; using SD's scaled_linear DDIM settings", path)
+        sched = SD_SCHEDULER
+    schedule, prediction, defaults = scheduler_from_config(sched)
+    unet_cfg, unet_params = dconv.load_unet(unet_dir, variant=variant)
+    vae_cfg, vae_params = dconv.load_vae(vae_dir, variant=variant)
+    tok_dir = os.path.join(path, "tokenizer")
+    te = TextEncoder.from_hf_clip(te_dir, tok_dir if os.path.isdir(tok_dir) else None,
+                                  dtype=dtype or jnp.float32)
+    return dict(unet_config=unet_cfg, unet_params=_device(unet_params), vae_config=vae_cfg,
+                vae_params=_device(vae_params), text_encoder=te, schedule=schedule, prediction=prediction,
+                defaults=defaults, source=path, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- (b) single files
+def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction: str | None = None,
+                      use_ema: bool = False, dtype=None, unet_config=None, vae_config=None) -> dict:
+    """A CompVis/Stability single-file SD checkpoint (SD scheduler, OpenAI CLIP tokenizer).
+
+    `unet_config` / `vae_config` (a config or a mapping of fields) override what the weights cannot tell,
+    as in ``ldm_jax.convert.compvis.load_single_file``.
+    """
+    parts = compvis.load_single_file(path, kind, use_ema=use_ema, unet_config=unet_config, vae_config=vae_config)
+    missing = [p for p in ("unet", "vae", "text_encoder") if p not in parts]
+    if missing:
+        raise ConversionError(f"'{os.fspath(path)}' holds no {', '.join(missing)} weights; a full SD checkpoint "
+                              "is needed for sampling")
+    kind = parts["kind"]
+    te_cfg, te_params = parts["text_encoder"]
+    tokenizer = CLIPTokenizer.default(max_length=te_cfg.max_length, pad_token=EOS if kind == "sd15" else "!")
+    te = TextEncoder(CLIPTextEncoder(te_cfg, dtype=dtype or jnp.float32), _device(te_params), tokenizer)
+    schedule, _, defaults = scheduler_from_config(SD_SCHEDULER)
+    if prediction is None:
+        prediction = "v" if kind == "sd21" else "eps"
+        logger.info("single file of kind %s: using %s-prediction (pass prediction=... to change)", kind, prediction)
+    (unet_cfg, unet_params), (vae_cfg, vae_params) = parts["unet"], parts["vae"]
+    return dict(unet_config=unet_cfg, unet_params=_device(unet_params), vae_config=vae_cfg,
+                vae_params=_device(vae_params), text_encoder=te, schedule=schedule,
+                prediction=PREDICTION_NAMES.get(prediction, prediction), defaults=defaults, source=os.fspath(path),
+                dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- (c) run configs and workdirs
+def config_parts(config, unet_params=None) -> dict:
+    """A run config's model (the way training builds it): ``model.unet`` preset (with ``train.dtype`` / remat)
+    or pretrained folder, the frozen VAE of ``model.vae.workdir`` / ``model.vae.pretrained``,
+    ``model.text_encoder``, the ``diffusion`` section's schedule and prediction, ``data.resolution`` as the
+    default image size. `unet_params` default to the pretrained folder's weights (None without one)."""
+    model = config["model"]
+    te = build.text_encoder(model["text_encoder"])
+    vae_cfg, vae_params = build.frozen_vae(model["vae"])
+    pre = build.pretrained_unet(model["unet"])
+    if pre is not None:
+        unet_cfg, pretrained = pre
+        unet_params = pretrained if unet_params is None else unet_params
+    else:
+        unet_cfg = build.unet_config(model["unet"], cross_attention_dim=te.hidden_size,
+                                     in_channels=vae_cfg.latent_channels, out_channels=vae_cfg.latent_channels,
+                                     **build.compute_options(config))
+    if unet_cfg.cross_attention_dim != te.hidden_size:
+        raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
+                          f"gives {te.hidden_size}-wide states: make them equal")
+    # A config read back from JSON has lists where the dataclasses expect (hashable) tuples.
+    unet_cfg = type(unet_cfg).from_config(dataclasses.asdict(unet_cfg))
+    vae_cfg = type(vae_cfg).from_config(dataclasses.asdict(vae_cfg))
+    dif = config.get("diffusion", {}) or {}
+    schedule = build.schedule(dif)
+    prediction = str(dif.get("prediction", "eps"))
+    resolution = (config.get("data", {}) or {}).get("resolution")
+    return dict(unet_config=unet_cfg, unet_params=None if unet_params is None else _device(unet_params),
+                vae_config=vae_cfg, vae_params=_device(build.as_arrays(unbox(vae_params))), text_encoder=te,
+                schedule=schedule, prediction=PREDICTION_NAMES.get(prediction, prediction),
+                defaults=SamplingDefaults.for_schedule(schedule),
+                default_size=int(resolution) if resolution else None)
+
+
+def _check_params(tree, expected: Mapping[str, tuple], what: str):
+    got = {k: tuple(np.shape(v)) for k, v in flatten(tree).items()}
+    if got != dict(expected):
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in expected if got[k] != expected[k])
+        raise ConversionError(f"{what}: checkpoint parameters do not match the config ({len(wrong)} keys differ, "
+                              f"e.g. '{wrong[0]}'); was the workdir trained with another model config?")
+    return tree
+
+
+def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool = True, dtype=None) -> dict:
+    """A stage-2 (ldm) ldm_jax workdir, from its newest checkpoint (or `step`): the saved config read by
+    `config_parts`, the U-Net weights of the checkpoint's ``ema_params`` (``params`` with ``ema=False``)."""
+    path = os.fspath(path)
+    config = read_config(path, step)
+    stage = config.get("train", {}).get("stage")
+    if stage != "ldm":
+        raise ConfigError(f"workdir '{path}' holds a '{stage}' stage: sample from a latent-diffusion (ldm) workdir")
+    parts = config_parts(config)
+    unet_params = _check_params(unbox(restore_params(path, step, ema=ema)), unet_param_shapes(parts["unet_config"]),
+                                f"U-Net of {path}")
+    parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)
+    if dtype is not None:
+        te = parts["text_encoder"]
+        parts["text_encoder"] = dataclasses.replace(te, module=te.module.clone(dtype=dtype))
+    return parts
+
+
+# ---------------------------------------------------------------------------- (d) the local Hugging Face cache
+def cached_snapshot(model_id: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """The local snapshot folder of `model_id` ("org/name") in the Hugging Face cache (``$HF_HUB_CACHE``,
+    ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``), found without network access; FileNotFoundError when the
+    id is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_id, local_files_only=True, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise FileNotFoundError(f"model '{model_id}' is not a local path and not in the Hugging Face cache; nothing "
+                                "is downloaded: fetch it once (huggingface-cli download) or pass a local path"
+                                ) from None
+
+
+def looks_like_model_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not os.path.exists(path)
+
+
+# ---------------------------------------------------------------------------- dispatch
+def _device(tree):
+    return jax.device_put(unbox(tree))
+
+
+def pretrained_parts(path: str | os.PathLike, *, dtype=None, prediction: str | None = None, ema: bool = True,
+                     kind: str = "auto", step: int | None = None, cache_dir=None) -> dict:
+    """The parts of a diffusers SD folder, a CompVis single file, an ldm_jax workdir or a cached model id.
+
+    `prediction` overrides the prediction kind (single files: "eps" / "v"); `ema` picks a workdir's EMA weights
+    (`step`: a checkpoint other than the newest); `kind` is the single file's "sd15" / "sd21" / "auto".
+    """
+    p = os.fspath(path)
+    if looks_like_model_id(p):
+        p = cached_snapshot(p, cache_dir)
+    if os.path.isfile(p):
+        if not p.endswith(SINGLE_FILE_SUFFIXES):
+            raise ConfigError(f"'{p}' is not a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) nor a folder")
+        return single_file_parts(p, kind=kind, prediction=prediction, use_ema=False, dtype=dtype)
+    if is_workdir(p):
+        parts = workdir_parts(p, ema=ema, dtype=dtype, step=step)
+    elif os.path.isdir(p):
+        if is_workdir(os.path.join(p, "ldm")) and not os.path.isdir(os.path.join(p, "unet")):
+            raise FileNotFoundError(f"'{p}' holds stage workdirs (the demo's layout): pass '{os.path.join(p, 'ldm')}'")
+        parts = diffusers_parts(p, dtype=dtype)
+    else:
+        raise FileNotFoundError(f"model '{p}' not found: pass a diffusers SD folder, a .safetensors/.ckpt file, an "
+                                "ldm_jax workdir or a model id in the local Hugging Face cache")
+    if prediction is not None:
+        parts["prediction"] = PREDICTION_NAMES.get(prediction, prediction)
+    return parts

@@ -131,6 +131,24 @@ def save_png(path: str | os.PathLike, image: np.ndarray, metadata: Mapping[str, 
     os.replace(tmp, path)
 
 
+def generated_names(count: int, seed: int) -> list[str]:
+    """File names of `count` generated images of a call with `seed`: ``{i:04d}-seed{seed + i}.png``."""
+    return [f"{i:04d}-seed{seed + i}.png" for i in range(count)]
+
+
+def save_generated(folder: str | os.PathLike, images: np.ndarray, prompts: Sequence[str], seed: int,
+                   metadata: Mapping[str, object]) -> list[str]:
+    """Writes generated image i as `generated_names`' file with its prompt, its seed (seed + i) and `metadata` in
+    PNG text chunks (what ``ldm-jax sample`` and ``ldm-jax evaluate --save_images`` write); returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, (name, image) in enumerate(zip(generated_names(len(images), seed), images, strict=True)):
+        path = os.path.join(os.fspath(folder), name)
+        save_png(path, image, dict(prompt=prompts[i], seed=seed + i, **metadata))
+        paths.append(path)
+    return paths
+
+
 def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The tEXt chunks of a PNG file as a dict."""
     with Image.open(os.fspath(path)) as im:

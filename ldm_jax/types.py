@@ -32,6 +32,15 @@ def nearest(name: str, choices) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def check_choice(kind: str, name: str, choices) -> None:
+    """Raises a one-line ConfigError when `name` is not one of `choices`."""
+    if name not in choices:
+        raise ConfigError(
+            f"unknown {kind} '{name}'{nearest(str(name), choices)}; "
+            f"choose one of: {', '.join(sorted(choices))}"
+        )
+
+
 def _as_dict(cfg: Any) -> dict:
     if cfg is None:
         return {}

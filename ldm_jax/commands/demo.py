@@ -21,7 +21,7 @@ from ldm_jax.configlib import load_config
 from ldm_jax.eval.adherence import demo_prompts
 from ldm_jax.eval.generated import evaluate_generated
 from ldm_jax.images import make_grid, save_png
-from ldm_jax.ldm import LatentDiffusion, SampleConfig
+from ldm_jax.ldm import LatentDiffusion
 from ldm_jax.training import run
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where both stages, samples.png and summary.json go.")
@@ -44,7 +44,7 @@ def run_demo(workdir: str, variant: str = "") -> dict:
     run(ldm_cfg, ldm_dir)
     print("[demo 3/3] sampling and scoring", flush=True)
     model = LatentDiffusion.from_workdir(ldm_dir)
-    settings = SampleConfig.from_config(ldm_cfg.sample).generate_kwargs()
+    settings = model.sample.generate_kwargs()
     seed = settings.pop("seed")
     # 4 images per prompt (72 scored): the evaluation `ldm-jax evaluate --num_samples=72` runs
     summary, images, _ = evaluate_generated(
@@ -52,11 +52,10 @@ def run_demo(workdir: str, variant: str = "") -> dict:
         return_images=True)
     grid_path = os.path.join(workdir, "samples.png")
     save_png(grid_path, make_grid(images, cols=6))
-    s = ldm_cfg.sample
     base, heldout = demo_prompts()
     summary.update(minutes=(time.time() - t0) / 60, num_images=len(images), prompts=base,
                    heldout_pairs=[p for p, h in zip(base, heldout) if h], samples=grid_path, seed=seed,
-                   sampler=str(s.sampler), num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale))
+                   **{k: settings[k] for k in ("sampler", "num_steps", "guidance_scale")})
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"demo done in {summary['minutes']:.1f} min: color_acc={summary['color_acc']:.3f} "

@@ -223,15 +223,12 @@ def evaluate_folders() -> dict:
     return out
 
 
-def _sampling_options(config) -> dict:
+def _sampling_options(sample: SampleConfig) -> dict:
     """The run's `sample` settings with the command line's changes (the same names as ``ldm-jax sample``)."""
-    sample = SampleConfig.from_config(config.get("sample", {}))
     changes = dict(sampler=_SAMPLER.value or None, num_steps=_STEPS.value or None,
                    guidance_scale=_GUIDANCE.value if _GUIDANCE.value >= 0 else None,
                    micro_batch=_MICRO.value or None, seed=_SEED.value)
-    settings = sample.replace(**{k: v for k, v in changes.items() if v is not None}).generate_kwargs()
-    settings.pop("negative_prompt")
-    return settings
+    return sample.replace(**{k: v for k, v in changes.items() if v is not None}).generate_kwargs()
 
 
 def _test_captions(config: dict, count: int) -> list[str]:
@@ -259,7 +256,7 @@ def evaluate_ldm(workdir: str, config: dict) -> dict:
     if _SAVE.value:
         check_output_folder(_SAVE.value)
     model = LatentDiffusion.from_workdir(workdir)
-    settings = _sampling_options(config)
+    settings = _sampling_options(model.sample)
     seed = settings.pop("seed")
     out = {"workdir": workdir, "stage": "ldm", "dataset": dataset, "seed": seed, **settings}
     generate = lambda prompts, s: model.generate(prompts, seed=s, batch_size=64, progress=True,  # noqa: E731
@@ -267,7 +264,7 @@ def evaluate_ldm(workdir: str, config: dict) -> dict:
     if dataset in DATASETS:
         n = _NUM.value or {"shapes": 72, "fashion_mnist": 2000}[dataset]
         result, images, prompts = evaluate_generated(dataset, generate, num_samples=n, seed=seed,
-                                                     return_images=True)
+                                                     precision_recall=_PR.value, return_images=True)
         out.update(result)
     else:
         prompts = _test_captions(config, _NUM.value or 256)
@@ -276,7 +273,7 @@ def evaluate_ldm(workdir: str, config: dict) -> dict:
     if scorer is not None:
         out.update(scorer(images, prompts))
     if _SAVE.value:
-        write_images(_SAVE.value, images, prompts, seed, dict(model=workdir, **settings))
+        imlib.save_generated(_SAVE.value, images, prompts, seed, dict(model=workdir, **settings))
     return out
 
 
@@ -288,14 +285,6 @@ def check_output_folder(path: str) -> None:
         fail(f"--save_images={path} is a file; pass a new folder")
 
 
-def write_images(out: str, images, prompts: list[str], seed: int, settings: dict) -> None:
-    """One PNG per image, named and annotated as ``ldm-jax sample`` names them (seed + i)."""
-    os.makedirs(out, exist_ok=True)
-    for i, image in enumerate(images):
-        meta = dict(prompt=prompts[i], negative_prompt="", seed=seed + i, **settings)
-        imlib.save_png(os.path.join(out, f"{i:04d}-seed{seed + i}.png"), image, meta)
-
-
 def evaluate_autoencoder(workdir: str, config: dict) -> dict:
     """PSNR / SSIM (and rFD-FMNIST on fashion_mnist) on 256 held-out images and 64 photo crops."""
     import jax
@@ -304,8 +293,8 @@ def evaluate_autoencoder(workdir: str, config: dict) -> dict:
     from ldm_jax.eval.recon import autoencoder_metrics, photo_crops
     from ldm_jax.eval.stage_metrics import heldout_images
     from ldm_jax.ldm import build
+    from ldm_jax.ldm.workdirs import restore_params
     from ldm_jax.models import AutoencoderKL
-    from ldm_jax.training.checkpoint import restore_params
 
     vae = AutoencoderKL(build.vae_config(config["model"]["vae"]))
     params = build.as_arrays(restore_params(workdir, ema=True))
@@ -324,7 +313,7 @@ def evaluate_autoencoder(workdir: str, config: dict) -> dict:
 
 
 def evaluate_workdir(workdir: str) -> dict:
-    from ldm_jax.training.checkpoint import read_config
+    from ldm_jax.ldm.workdirs import read_config
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         fail(f"'{workdir}' holds no checkpoints: train it first (ldm-jax train --workdir={workdir} ...)")

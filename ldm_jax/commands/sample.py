@@ -18,12 +18,12 @@ import os
 
 from absl import flags
 
+from ldm_jax import diffusion
 from ldm_jax import images as imlib
 from ldm_jax.commands._app import fail, start
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.ldm import LatentDiffusion, SampleConfig, enable_compilation_cache
 from ldm_jax.ldm.loading import looks_like_model_id
-from ldm_jax.ldm.workdirs import is_workdir, read_config
 from ldm_jax.types import ConfigError
 
 _MODEL = flags.DEFINE_string("model", None, "ldm_jax workdir, diffusers SD folder, .safetensors/.ckpt file or a "
@@ -34,8 +34,8 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file with one pr
 _INIT = flags.DEFINE_string("init_image", None, "Input image for img2img / inpainting.")
 _STRENGTH = flags.DEFINE_float("strength", None, "img2img/inpaint strength in [0, 1] (default 0.8 / 1.0).")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image, same size as --init_image (white = repaint).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "ddim, ddpm, euler, euler_ancestral, heun, dpmpp_2m, "
-                               "dpmpp_2m_sde or unipc (default: the run's sample.sampler, else ddim).")
+_SAMPLER = flags.DEFINE_string("sampler", None, f"{', '.join(diffusion.SAMPLERS)} (default: the run's "
+                               "sample.sampler, else ddim).")
 _SPACING = flags.DEFINE_string("spacing", None, "Time grid: uniform, karras, logsnr, leading, trailing, linspace "
                                "(default: the model's scheduler config).")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the run's sample.num_steps, else 50).")
@@ -106,11 +106,7 @@ def _inputs():
 
 def sampling_settings(model) -> dict:
     """Sampler, steps, guidance and micro-batch: the flags, else the workdir's `sample` config, else SD's."""
-    run = SampleConfig()
-    if is_workdir(model.source):
-        run = SampleConfig.from_config(read_config(model.source).get("sample", {}))
-    else:
-        run = run.replace(num_steps=50, guidance_scale=7.5)
+    run = model.sample or SampleConfig(num_steps=50, guidance_scale=7.5)
     pick = lambda flag, default: default if flag is None else flag  # noqa: E731
     return dict(sampler=pick(_SAMPLER.value, run.sampler), num_steps=pick(_STEPS.value, run.num_steps),
                 guidance_scale=pick(_GUIDANCE.value, run.guidance_scale),
@@ -120,7 +116,8 @@ def sampling_settings(model) -> dict:
 def generate(prompts: list[str]):
     """Loads the model from the flags and generates; returns (images, settings for the PNG metadata)."""
     image, mask = _inputs()[:2] if _INIT.value else (None, None)  # bad inputs fail before the model loads
-    enable_compilation_cache() if _CACHE.value else None
+    if _CACHE.value:
+        enable_compilation_cache()
     model = LatentDiffusion.from_pretrained(_MODEL.value, dtype=_DTYPE.value, prediction=_PREDICTION.value)
     sampling = sampling_settings(model)
     negative = _NEGATIVE.value
@@ -138,16 +135,23 @@ def generate(prompts: list[str]):
     return images, settings
 
 
+def check_outputs(out: str, count: int, seed: int, grid: bool) -> None:
+    """Before any work: --out must be a folder (or not exist yet) that holds none of the files this run writes."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out={out} is a file; pass a folder")
+    names = imlib.generated_names(count, seed) + (["grid.png"] if grid else [])
+    taken = [n for n in names if os.path.exists(os.path.join(out, n))]
+    if taken:
+        raise ConfigError(f"--out={out} already holds {taken[0]}" + (f" and {len(taken) - 1} more" if len(taken) > 1
+                          else "") + " of this run's files; pass a new folder or another --seed (nothing is "
+                          "overwritten)")
+
+
 def write_outputs(out: str, images, prompts: list[str], negative: str, seed: int, per_prompt: int,
                   settings: dict, grid: bool) -> list[str]:
     """One PNG per image with its prompt, negative prompt, seed and the settings as text chunks (+ grid.png)."""
-    os.makedirs(out, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        meta = dict(prompt=prompts[i // per_prompt], negative_prompt=negative, seed=seed + i, **settings)
-        path = os.path.join(out, f"{i:04d}-seed{seed + i}.png")
-        imlib.save_png(path, image, meta)
-        paths.append(path)
+    per_image = [p for p in prompts for _ in range(per_prompt)]
+    paths = imlib.save_generated(out, images, per_image, seed, dict(negative_prompt=negative, **settings))
     if grid:
         imlib.save_png(os.path.join(out, "grid.png"), imlib.make_grid(images),
                        dict(prompts=json.dumps(prompts), seed=seed, **settings))
@@ -160,6 +164,7 @@ def main(argv):
     _check_flags()
     try:
         prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+        check_outputs(_OUT.value, len(prompts) * _NUM.value, _SEED.value, _GRID.value)
         images, settings = generate(prompts)
     except (ConfigError, ConversionError, FileNotFoundError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -9,7 +9,8 @@
 
 from ldm_jax.data.builders import BUILDERS, BuildResult, make_builder, prepare, resolve_data_dir
 from ldm_jax.data.common import DataError
-from ldm_jax.data.latent_cache import LatentCache, build_latent_cache
+from ldm_jax.data.latent_cache import build_latent_cache
+from ldm_jax.data.latent_records import LatentCache
 from ldm_jax.data.pipeline import DataConfig, DataIterator, make_global_batch, make_iterator
 from ldm_jax.data.shapes import HELDOUT_PAIRS, attrs_from_captions, caption_to_attrs
 from ldm_jax.data.shapes_checker import ShapesChecker, score_images

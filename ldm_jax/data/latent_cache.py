@@ -5,7 +5,7 @@
 (captions -> (B, L, D) array or dict of arrays), and writes one array_record record per example plus
 ``manifest.json`` (record layout, shapes, dtypes, encoder ids, source settings) and ``uncond.npz`` (the text
 arrays of the empty caption, used for caption dropout); `latent_records.py` holds the record format and the
-reader, `LatentCache` (re-exported here), which the input pipeline uses. The latent diffusion stage then reads
+reader, `LatentCache`, which the input pipeline uses. The latent diffusion stage then reads
 ``DataConfig(latent_cache=out_dir, ...)``: shuffled, sharded and checkpointable like images, with batches
 ``latent_mean``, ``latent_std``, the text arrays, ``caption`` and ``index``; it draws
 ``z = mean + std * eps`` itself each step, as in Rombach et al. (2022), Sec. 3.

@@ -50,7 +50,6 @@ schedulers step for step (`sampling.py` documents the mapping).
 
 from ldm_jax.diffusion.grids import GRID_OPTIONS, LOGSNR_FLOOR, SPACINGS, Grid, sd_timesteps, time_grid
 from ldm_jax.diffusion.guidance import CFG, cfg, rescale_guidance
-from ldm_jax.diffusion.learned import LearnedSchedule, learned_schedule_init
 from ldm_jax.diffusion.losses import loss, loss_weight
 from ldm_jax.diffusion.noise_levels import (
     NOISE_SAMPLERS,
@@ -78,11 +77,13 @@ from ldm_jax.diffusion.schedules import (
     DiscreteSchedule,
     Flow,
     Laplace,
+    LearnedSchedule,
     Schedule,
     Shifted,
     Sigmoid,
     ZeroTerminalSNR,
     get_schedule,
+    learned_schedule_init,
     linear,
     q_sample,
     scaled_linear,

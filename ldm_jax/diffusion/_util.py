@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.types import Array, ConfigError, nearest
+from ldm_jax.types import Array
 
 
 def _is_leaf(obj) -> bool:
@@ -80,15 +80,6 @@ def expand_like(v: Array, x: Array) -> Array:
     if v.ndim == 0:
         return v
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
-def check_choice(kind: str, name: str, choices) -> None:
-    """Raises a one-line ConfigError when `name` is not one of `choices`."""
-    if name not in choices:
-        raise ConfigError(
-            f"unknown {kind} '{name}'{nearest(str(name), choices)}; "
-            f"choose one of: {', '.join(sorted(choices))}"
-        )
 
 
 def alpha_sigma_from_logsnr(logsnr: Array) -> tuple[Array, Array]:

@@ -38,8 +38,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion._util import check_choice
-from ldm_jax.types import Array, ConfigError
+from ldm_jax.types import Array, ConfigError, check_choice
 
 SPACINGS = ("uniform", "karras", "logsnr", "leading", "trailing", "linspace")
 SD_SPACINGS = ("leading", "trailing", "linspace")

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion import weighting as weighting_lib
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr
 from ldm_jax.diffusion.parametrization import PREDICTIONS, from_x0_eps, prediction_scale
-from ldm_jax.types import Array, ConfigError
+from ldm_jax.types import Array, ConfigError, check_choice
 
 
 def loss_weight(

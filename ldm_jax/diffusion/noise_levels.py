@@ -18,8 +18,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion._util import check_choice
-from ldm_jax.types import Array, ConfigError, PRNGKey
+from ldm_jax.types import Array, ConfigError, PRNGKey, check_choice
 
 
 def uniform(rng: PRNGKey, batch: int, *, t_min: float = 0.0, t_max: float = 1.0) -> Array:

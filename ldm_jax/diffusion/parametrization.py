@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice, expand_like, pytree_dataclass
-from ldm_jax.types import Array
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, expand_like, pytree_dataclass
+from ldm_jax.types import Array, check_choice
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
 

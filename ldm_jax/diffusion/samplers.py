@@ -41,10 +41,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr
 from ldm_jax.diffusion.grids import FINALS, STYLES, Grid
 from ldm_jax.diffusion.grids import GRID_OPTIONS as GRID_OPTIONS  # re-exported beside SAMPLER_OPTIONS
-from ldm_jax.types import Array, ConfigError, nearest
+from ldm_jax.types import Array, ConfigError, check_choice, nearest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,12 +434,3 @@ def check_sampler_options(name: str, **given) -> None:
         + "; ".join(f"{k} is for {_names(takers[k])}" for k, _ in wrong)
         + f" ({takes})"
     )
-
-
-# Views of SAMPLER_SPECS under their former names (used by tests/diffusion/test_diffusers_parity.py).
-STEPS = {name: spec.step for name, spec in SAMPLER_SPECS.items()}
-STYLE = {name: spec.grid_style for name, spec in SAMPLER_SPECS.items()}
-
-
-def init_state(sampler: str, x: Array):
-    return sampler_spec(sampler).init_state(x)

@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion import samplers as samplers_lib
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice, combine, partition
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, combine, partition
 from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, SD_SPACINGS, SPACINGS, Grid, time_grid
 from ldm_jax.diffusion.parametrization import PREDICTIONS, to_x0_eps
-from ldm_jax.types import Array, ConfigError, DenoiseFn, PRNGKey
+from ldm_jax.types import Array, ConfigError, DenoiseFn, PRNGKey, check_choice
 
 
 @dataclasses.dataclass(frozen=True)

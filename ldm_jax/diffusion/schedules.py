@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, check_choice, expand_like, pytree_dataclass
-from ldm_jax.types import Array, ConfigError, PRNGKey, PyTree
+from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, expand_like, pytree_dataclass
+from ldm_jax.types import Array, ConfigError, PRNGKey, PyTree, check_choice
 
 CONTINUOUS_TIMESTEP_SCALE = 1000.0
 

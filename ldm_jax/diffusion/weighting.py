@@ -28,8 +28,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion._util import check_choice
-from ldm_jax.types import Array, ConfigError
+from ldm_jax.types import Array, ConfigError, check_choice
 
 LOGSNR_CLIP = 30.0
 

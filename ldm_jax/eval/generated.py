@@ -51,13 +51,21 @@ def prompts_for(dataset: str, num_samples: int) -> list[str]:
 
 
 @functools.cache
+def fmnist_features():
+    """The FD-FMNIST feature function (weights loaded and compiled once per process)."""
+    from ldm_jax.eval.fmnist_net import fmnist_feature_fn
+
+    return fmnist_feature_fn()
+
+
+@functools.cache
 def fmnist_reference(kid_features: int = 10000):
     """(FeatureStats, up to `kid_features` feature rows) of the Fashion-MNIST test split; computed once."""
     from ldm_jax.eval.callback import reference_stats
-    from ldm_jax.eval.fmnist_net import fmnist_feature_fn, load_fashion_mnist
+    from ldm_jax.eval.fmnist_net import load_fashion_mnist
 
     real, _ = load_fashion_mnist("test")
-    return reference_stats(fmnist_feature_fn(), real[..., None], reservoir=kid_features)
+    return reference_stats(fmnist_features(), real[..., None], reservoir=kid_features)
 
 
 @functools.cache
@@ -79,8 +87,9 @@ def class_brightness(images: np.ndarray, labels: np.ndarray, real_means: np.ndar
 
 
 def evaluate_generated(dataset: str, generate: Generate, *, num_samples: int, seed: int = 0,
-                       return_images: bool = False):
-    """The dataset's metrics (module doc) of ``generate(prompts, seed)``; with `return_images` also
+                       precision_recall: bool = False, return_images: bool = False):
+    """The dataset's metrics (module doc) of ``generate(prompts, seed)``; fashion_mnist with `precision_recall`
+    adds improved precision / recall (Kynkaanniemi et al. 2019, k = 3); with `return_images` also
     (images, prompts)."""
     from ldm_jax.eval.adherence import score_demo
 
@@ -91,18 +100,21 @@ def evaluate_generated(dataset: str, generate: Generate, *, num_samples: int, se
         out["mean_acc"] = float(np.mean([out["color_acc"], out["shape_acc"], out["position_acc"]]))
     elif dataset == "fashion_mnist":
         from ldm_jax.eval.callback import reference_stats
-        from ldm_jax.eval.fmnist_net import fmnist_feature_fn
         from ldm_jax.eval.frechet import kernel_inception_distance, stats_distance
 
         prompts = fmnist_prompts(num_samples)
         images = np.asarray(generate(prompts, seed))
         ref, ref_feats = fmnist_reference()
-        fake, fake_feats = reference_stats(fmnist_feature_fn(), images, reservoir=len(images))
+        fake, fake_feats = reference_stats(fmnist_features(), images, reservoir=len(images))
         out = {"fd_fmnist": stats_distance(ref, fake)}
         if len(images) >= 2:
             kid, kid_std = kernel_inception_distance(ref_feats, fake_feats, subset_size=min(1000, len(images)),
                                                      num_subsets=50)
             out.update(kid_fmnist=float(kid), kid_std_fmnist=float(kid_std))
+        if precision_recall:
+            from ldm_jax.eval.frechet import precision_recall as improved_pr
+
+            out.update(improved_pr(ref_feats, fake_feats, k=3))
         out.update(class_brightness(images, np.arange(len(images)) % 10, fmnist_class_means()))
     else:
         raise ConfigError(f"no built-in metric for dataset '{dataset}' (only {', '.join(DATASETS)} have one)")

@@ -33,19 +33,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from ldm_jax import diffusion
 from ldm_jax import images as imlib
 from ldm_jax.models.unet import UNet
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.types import Array, ConfigError, FrozenConfig, PyTree, nearest
+from ldm_jax.types import Array, ConfigError, FrozenConfig, PyTree, check_choice, nearest
 
 logger = logging.getLogger("ldm_jax.ldm")
 
-TASKS = ("text", "img2img", "inpaint")
-_GRID_KEYWORDS = ("rho", "sigma_min", "sigma_max", "t_max")
+# Grid keywords of `diffusion.sample` a caller may pass as sampler options (spacing, final and steps_offset
+# have their own arguments and model defaults).
+_GRID_KEYWORDS = tuple(k for k in diffusion.GRID_OPTIONS if k not in ("spacing", "final", "steps_offset"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,7 @@ class SampleConfig(FrozenConfig):
     micro_batch: int = 1
 
     def __post_init__(self):
-        check_choice("sample.sampler", self.sampler, diffusion.SAMPLERS)
+        diffusion.sampler_spec(self.sampler)
         checks = [
             (self.every_steps >= 0, f"sample.every_steps must be >= 0, got {self.every_steps}"),
             (self.num_steps >= 1, f"sample.num_steps must be >= 1, got {self.num_steps}"),
@@ -193,7 +196,8 @@ def _image_conditioning(model, opts: Options, vae, vae_params, batch: dict):
 
 
 def micro_batch_images(model, opts: Options, params: PyTree, batch: dict, scale) -> jax.Array:
-    """The traced body for one micro-batch: tokens (+ images, masks) -> uint8 images (m, H, W, 3)."""
+    """The traced body for one micro-batch: tokens, seeds and noise (+ images, masks) -> uint8 images
+    (m, H, W, 3)."""
     unet, vae = model.unet, model.vae
     te = model.text_encoder
     if opts.guided:  # prompts and negative prompts in one pass of the text encoder
@@ -223,15 +227,16 @@ def _per_device(model, opts: Options, micro: int, params: PyTree, batch: dict, s
     return out.reshape(n, *out.shape[2:])
 
 
+@functools.partial(jax.jit, static_argnames="latent_shape")
+def _draw_noise(seeds: jax.Array, latent_shape: tuple) -> jax.Array:
+    return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), latent_shape, jnp.float32))(seeds)
+
+
 def seeded_noise(seeds, latent_shape: tuple) -> np.ndarray:
-    """The initial latents of images with these seeds: image i gets N(0, I) drawn from jax.random.key(seeds[i])."""
-    draw = jax.jit(lambda k: jax.random.normal(k, latent_shape, jnp.float32))
-    return np.stack([np.asarray(draw(jax.random.key(int(s)))) for s in seeds])
-
-
-def check_choice(kind: str, name: str, choices) -> None:
-    if name not in choices:
-        raise ConfigError(f"unknown {kind} '{name}'{nearest(str(name), choices)}; choose one of: {', '.join(choices)}")
+    """The initial latents of images with these seeds: image i gets N(0, I) drawn from ``jax.random.key(seeds[i])``
+    (one vectorized call; per image, whatever the batch). They become an input of the generation function, so a
+    call with explicit ``noise=`` runs the same compiled function."""
+    return np.asarray(_draw_noise(np.asarray(seeds, np.uint32), tuple(latent_shape)))
 
 
 def _as_prompt_list(prompts) -> list[str]:
@@ -273,7 +278,7 @@ def make_options(model, *, task: str, sampler: str, num_steps: int, spacing, eta
                  guidance_scale: float, guidance_rescale: float, final, sampler_options: dict,
                  guidance_interval=None) -> Options:
     """Checks the sampling settings (one-line ConfigError) and fills the model's defaults."""
-    check_choice("sampler", sampler, diffusion.SAMPLERS)
+    spec = diffusion.sampler_spec(sampler)
     d = model.defaults
     spacing = spacing or d.spacing
     check_choice("spacing", spacing, diffusion.SPACINGS)
@@ -295,9 +300,11 @@ def make_options(model, *, task: str, sampler: str, num_steps: int, spacing, eta
     unknown = [k for k in sampler_options if k not in allowed or k == "eta"]
     if unknown:
         raise ConfigError(f"unknown sampler option '{unknown[0]}'{nearest(unknown[0], allowed)}")
+    diffusion.samplers.check_sampler_options(sampler, eta=eta, **{k: v for k, v in sampler_options.items()
+                                                                  if k in diffusion.SAMPLER_OPTIONS})
     return Options(
         task=task, sampler=sampler, num_steps=int(num_steps), spacing=spacing,
-        final=final or d.final_for(sampler), steps_offset=d.steps_offset, prediction=model.prediction,
+        final=final or d.final_for(spec.name), steps_offset=d.steps_offset, prediction=model.prediction,
         strength=float(strength), guided=float(guidance_scale) > 1.0, guidance_rescale=float(guidance_rescale),
         guidance_interval=None if guidance_interval is None else tuple(float(v) for v in guidance_interval),
         eta=None if eta is None else float(eta), extra=tuple(sorted(sampler_options.items())),
@@ -322,15 +329,22 @@ def _compiled(model, opts: Options, micro: int, mesh: Mesh, params, batch: dict,
 
 
 def _placed(model, params: PyTree, mesh: Mesh) -> PyTree:
-    """`params` replicated on the mesh (the model's own parameters are placed once per device set)."""
-    sharding = NamedSharding(mesh, P())
-    own = params["unet"] is model.unet_params
-    key = ("params", tuple(d.id for d in mesh.devices.flat))
-    if own and key in model._compiled:
-        return model._compiled[key]
-    placed = jax.device_put(params, sharding)
-    if own:
-        model._compiled[key] = placed
+    """`params` replicated on the generation mesh.
+
+    Parameters sharded over several processes (a training run's FSDP state) are gathered to every host first,
+    a collective: every process must call `generate` then. The placement of the model's own parameters is
+    kept (per device set) and reused while those are the very arrays passed in.
+    """
+    key = tuple(d.id for d in mesh.devices.flat)
+    leaves = jax.tree.leaves(params)
+    source, placed = model._placements.get(key, ((), None))
+    if len(source) == len(leaves) and all(a is b for a, b in zip(source, leaves)):
+        return placed
+    if any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in leaves):
+        params = multihost_utils.process_allgather(params, tiled=True)
+    placed = jax.device_put(params, NamedSharding(mesh, P()))
+    if params["unet"] is model.unet_params:
+        model._placements[key] = (tuple(leaves), placed)
     return placed
 
 
@@ -383,21 +397,21 @@ def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None,
         raise ConfigError(f"seed must be an integer in [0, 2^32 - number of images), got {seed!r}")
     latent_shape = (height // model.downsample_factor, width // model.downsample_factor, model.latent_channels)
     inputs = host_inputs(model, prompts, negatives, n, seed, opts.guided)
-    noise = seeded_noise(inputs["seeds"], latent_shape) if noise is None else np.asarray(noise, np.float32)
-    if noise.shape != (total, *latent_shape):
-        raise ConfigError(f"noise has shape {noise.shape}, expected {(total, *latent_shape)} (NHWC latents)")
-    inputs["noise"] = noise
+    if noise is not None:  # else drawn per batch from the seeds (`seeded_noise`)
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != (total, *latent_shape):
+            raise ConfigError(f"noise has shape {noise.shape}, expected {(total, *latent_shape)} (NHWC latents)")
+        inputs["noise"] = noise
     if image is not None:
         inputs["image"] = imlib.to_model_range(_per_image(image, len(prompts), n, "number of images"))
     if mask is not None:
         inputs["mask"] = _per_image(mask, len(prompts), n, "number of masks")
-    return _run_batches(model, opts, inputs, total, batch_size, int(micro_batch), devices, params,
+    return _run_batches(model, opts, inputs, total, batch_size, int(micro_batch), latent_shape, devices, params,
                         settings["guidance_scale"], progress)
 
 
-def _run_batches(model, opts, inputs, total, batch_size, micro, devices, params, guidance_scale, progress):
-    from tqdm.auto import tqdm
-
+def _run_batches(model, opts, inputs, total, batch_size, micro, latent_shape, devices, params, guidance_scale,
+                 progress):
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     devices = list(devices or jax.local_devices())
@@ -408,13 +422,19 @@ def _run_batches(model, opts, inputs, total, batch_size, micro, devices, params,
     params = _placed(model, params, mesh)
     data = NamedSharding(mesh, P("gen"))
     scale = jax.device_put(np.float32(guidance_scale), NamedSharding(mesh, P()))
-    outputs = []
     starts = range(0, total, bs)
     bar = tqdm(starts, desc=f"{opts.task} {opts.sampler} x{opts.num_steps}", unit="batch",
                disable=not progress or len(starts) < 2)
-    for start in bar:
+    pending = []
+    for start in bar:  # batch k + 1 is dispatched before batch k is fetched, so the device never waits on the host
         idx = np.minimum(np.arange(start, start + per_call), min(start + bs, total) - 1)  # pad by repetition
-        batch = jax.device_put({k: v[idx] for k, v in inputs.items()}, data)
+        batch = {k: v[idx] for k, v in inputs.items()}
+        if "noise" not in batch:  # drawn at the batch's shape: no compile beyond the generation function's shapes
+            batch["noise"] = seeded_noise(batch["seeds"], latent_shape)
+        batch = jax.device_put(batch, data)
         fn = _compiled(model, opts, micro, mesh, params, batch, scale)
-        outputs.append(np.asarray(fn(params, batch, scale))[: min(bs, total - start)])
-    return np.concatenate(outputs, axis=0)
+        pending.append((fn(params, batch, scale), min(bs, total - start)))
+        if len(pending) > 1:
+            out, count = pending[-2]
+            pending[-2] = (np.asarray(out)[:count], count)
+    return np.concatenate([np.asarray(out)[:count] for out, count in pending], axis=0)

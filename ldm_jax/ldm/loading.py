@@ -35,6 +35,7 @@ from ldm_jax.convert import compvis
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.ldm import build
+from ldm_jax.ldm.generate import SampleConfig
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import CLIPTextEncoder
@@ -69,9 +70,9 @@ class SamplingDefaults:
     final: str = "zero"
 
     def final_for(self, sampler: str) -> str:
-        if sampler == "ddim":
-            return self.final_ddim
-        return "zero" if sampler == "ddpm" else self.final
+        """The default `final` of `sampler`: the diffusers setting its spec names (``diffusers_final``)."""
+        setting = diffusion.sampler_spec(sampler).diffusers_final
+        return {"set_alpha_to_one": self.final_ddim, "final_sigmas_type": self.final}.get(setting, setting)
 
     @classmethod
     def for_schedule(cls, schedule) -> SamplingDefaults:
@@ -217,18 +218,17 @@ def config_parts(config, unet_params=None) -> dict:
     if unet_cfg.cross_attention_dim != te.hidden_size:
         raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
                           f"gives {te.hidden_size}-wide states: make them equal")
-    # A config read back from JSON has lists where the dataclasses expect (hashable) tuples.
-    unet_cfg = type(unet_cfg).from_config(dataclasses.asdict(unet_cfg))
-    vae_cfg = type(vae_cfg).from_config(dataclasses.asdict(vae_cfg))
     dif = config.get("diffusion", {}) or {}
     schedule = build.schedule(dif)
     prediction = str(dif.get("prediction", "eps"))
     resolution = (config.get("data", {}) or {}).get("resolution")
-    return dict(unet_config=unet_cfg, unet_params=None if unet_params is None else _device(unet_params),
-                vae_config=vae_cfg, vae_params=_device(build.as_arrays(unbox(vae_params))), text_encoder=te,
-                schedule=schedule, prediction=PREDICTION_NAMES.get(prediction, prediction),
-                defaults=SamplingDefaults.for_schedule(schedule),
-                default_size=int(resolution) if resolution else None)
+    # U-Net parameters stay as given (host arrays from a pretrained folder: training starts from them, and
+    # `generate` places them on its devices once)
+    return dict(unet_config=unet_cfg, unet_params=None if unet_params is None else unbox(unet_params),
+                vae_config=vae_cfg, vae_params=_device(vae_params), text_encoder=te, schedule=schedule,
+                prediction=PREDICTION_NAMES.get(prediction, prediction),
+                defaults=SamplingDefaults.for_schedule(schedule), default_size=int(resolution) if resolution else None,
+                sample=SampleConfig.from_config(config.get("sample", {}) or {}))
 
 
 def _check_params(tree, expected: Mapping[str, tuple], what: str):

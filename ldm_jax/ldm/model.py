@@ -22,7 +22,7 @@ import numpy as np
 from ldm_jax import diffusion
 from ldm_jax.ldm import generate as gen
 from ldm_jax.ldm import loading
-from ldm_jax.ldm.generate import UNetDenoiser
+from ldm_jax.ldm.generate import SampleConfig, UNetDenoiser
 from ldm_jax.ldm.loading import SamplingDefaults
 from ldm_jax.models.layers import canonical_dtype
 from ldm_jax.models.text_encoder import TextEncoder
@@ -49,7 +49,9 @@ class LatentDiffusion:
     source: str = ""
     dtype: Any = None
     default_size: int | None = None  # image side when none is given (else U-Net sample_size x VAE factor)
-    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # shared by `replace`d copies
+    sample: SampleConfig | None = None  # the training run's `sample` section (workdirs), the commands' defaults
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # see `replace`
+    _placements: dict = dataclasses.field(default_factory=dict, repr=False)  # devices -> placed own parameters
 
     def __post_init__(self):
         if self.prediction not in diffusion.PREDICTIONS:
@@ -98,8 +100,13 @@ class LatentDiffusion:
         return cls(**loading.config_parts(config, unet_params))
 
     def replace(self, **changes) -> LatentDiffusion:
-        """A copy with `changes` (e.g. ``unet_params=ema``); copies share compiled generation functions."""
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`. A copy with other parameters only (e.g. ``unet_params=ema``) shares the compiled
+        generation functions; any other change (configs, modules, schedule, defaults) starts a new cache."""
+        copy = dataclasses.replace(self, **changes)
+        params_only = set(changes) <= {"unet_params", "vae_params", "source"}
+        object.__setattr__(copy, "_compiled", self._compiled if params_only else {})
+        object.__setattr__(copy, "_placements", {})
+        return copy
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -117,12 +124,11 @@ class LatentDiffusion:
 
     @property
     def unet(self) -> UNet:
-        return UNet(self.unet_config, dtype=self.dtype) if self.dtype is not None else UNet(self.unet_config)
+        return UNet(self.unet_config, dtype=self.dtype)
 
     @property
     def vae(self) -> AutoencoderKL:
-        return AutoencoderKL(self.vae_config, dtype=self.dtype) if self.dtype is not None else AutoencoderKL(
-            self.vae_config)
+        return AutoencoderKL(self.vae_config, dtype=self.dtype)
 
     @property
     def size(self) -> int:

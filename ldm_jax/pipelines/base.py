@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from ldm_jax.ldm import LatentDiffusion, enable_compilation_cache
-from ldm_jax.ldm.generate import Options
 
 
 class Pipeline:
@@ -31,7 +30,7 @@ class Pipeline:
     @property
     def num_compiled(self) -> int:
         """How many generation functions the model has compiled (one per options, micro-batch and shapes)."""
-        return sum(isinstance(key[0], Options) for key in self.model._compiled)
+        return len(self.model._compiled)
 
     @property
     def default_size(self) -> int:

@@ -95,7 +95,7 @@ def config_differences(config: dict, saved: dict) -> list[str]:
 def trained_differently(config, workdir: str) -> str | None:
     """Why the finished training in `workdir` cannot stand in for one with `config` (None when it can): its
     newest checkpoint must have reached ``config.train.num_steps`` and its saved config must train the same."""
-    from ldm_jax.training.checkpoint import read_config
+    from ldm_jax.ldm.workdirs import read_config
 
     last = int(config.train.num_steps)
     try:

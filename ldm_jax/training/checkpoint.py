@@ -33,7 +33,6 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
-from ldm_jax.ldm.workdirs import read_config, restore_params  # noqa: F401  (re-exported)
 from ldm_jax.training.optim import tree_all_finite
 from ldm_jax.types import PyTree
 

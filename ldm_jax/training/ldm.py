@@ -99,7 +99,7 @@ def make_task(config, workdir: str):
     model = LatentDiffusion.from_config(config)  # U-Net parameters: a pretrained folder's, or None (from init)
     frozen = {"vae": model.vae_params, "text": model.text_encoder.params}
     pretrained, model = model.unet_params, model.replace(unet_params=None)
-    sample = SampleConfig.from_config(config.sample)  # checked before any step runs
+    sample = model.sample  # the typed `sample` section, checked before any step runs
     cache = ensure_latent_cache(config, model, workdir)
     te = model.text_encoder
     dcfg = DataConfig.from_run_config(config, max_length=te.max_length, latent_cache=cache)
@@ -107,7 +107,8 @@ def make_task(config, workdir: str):
     if dcfg.resolution % f:
         raise ConfigError(f"data.resolution={dcfg.resolution} is not a multiple of the VAE's factor {f}")
     latent_shape = (dcfg.resolution // f, dcfg.resolution // f, model.latent_channels)
-    dc = config.diffusion
+    dc = config.diffusion  # read here, never inside the traced loss
+    noise_sampling, weighting = str(dc.noise_sampling), str(dc.weighting)
     weighting_kwargs = components.weighting_kwargs(dc)
 
     def init(rng):
@@ -132,12 +133,12 @@ def make_task(config, workdir: str):
             ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
         ctx = jax.lax.stop_gradient(ctx)
         b = latents.shape[0]
-        t = diffusion.sample_t(str(dc.noise_sampling), r_t, b, schedule=model.schedule)
+        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=model.schedule)
         noise = jax.random.normal(r_noise, latents.shape)
         x_t = diffusion.q_sample(model.schedule, latents, t, noise)
         out = model.denoiser(params)(x_t, t, ctx.astype(x_t.dtype))
         per_example = diffusion.loss(out, latents, noise, t, schedule=model.schedule, prediction=model.prediction,
-                                     weighting=str(dc.weighting), **weighting_kwargs)
+                                     weighting=weighting, **weighting_kwargs)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
     keys = ("latent_mean", "latent_std", "text_embedding", "input_ids", "attention_mask") if dcfg.latent_cache else (
@@ -149,7 +150,7 @@ def make_task(config, workdir: str):
         return NumericBatches(it, keys)
 
     task = Task(name="ldm", init=init, loss_fn=loss_fn, make_iterator=iterator, batch_size=dcfg.batch_size,
-                frozen=frozen, pretrained=None if pretrained is None else jax.tree.map(np.asarray, unbox(pretrained)))
+                frozen=frozen, pretrained=pretrained)
     callbacks = []
     if sample.every_steps > 0:
         callbacks.append(SampleGrid(model, sample, workdir))
@@ -172,10 +173,13 @@ class SampleGrid:
         self.dir = os.path.join(workdir, "samples")
 
     def __call__(self, step, state):
-        if step % self.sample.every_steps or jax.process_index() != 0:
+        if step % self.sample.every_steps:
             return None
+        # every process generates (the EMA parameters may be sharded across processes); process 0 writes
         images = self.model.generate(list(self.sample.prompts), unet_params=unbox(state.ema_params),
                                      **self.sample.generate_kwargs())
+        if jax.process_index() != 0:
+            return None
         grid = make_grid(images)
         os.makedirs(self.dir, exist_ok=True)
         save_png(os.path.join(self.dir, f"{step:07d}.png"), grid)

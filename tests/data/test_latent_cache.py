@@ -7,7 +7,8 @@ import pytest
 
 from ldm_jax.data import latent_cache
 from ldm_jax.data.common import DataError
-from ldm_jax.data.latent_cache import LatentCache, build_latent_cache
+from ldm_jax.data.latent_cache import build_latent_cache
+from ldm_jax.data.latent_records import LatentCache
 from ldm_jax.data.pipeline import make_iterator
 
 BATCH = 24  # does not divide the 40 test examples: the last batch is padded

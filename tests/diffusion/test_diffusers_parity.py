@@ -198,7 +198,8 @@ def test_single_step_matches_diffusers(schedule, sampler, index, monkeypatch):
     def one_step(x, key):
         model = make_model(denoise, "eps", 2)
         ctx = samplers_lib.Ctx(model, grid, schedule, num_steps, 0, opts)
-        return samplers_lib.STEPS[sampler](ctx, index, x, samplers_lib.init_state(sampler, x), key)[0]
+        spec = samplers_lib.sampler_spec(sampler)
+        return spec.step(ctx, index, x, spec.init_state(x), key)[0]
 
     ours = one_step(jnp.asarray(x_vp), jax.random.fold_in(rng, index))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
@@ -210,7 +211,7 @@ def test_timesteps_match_diffusers(spacing):
         for num_steps in (7, 10, 25):
             sch = make_scheduler(sampler, spacing)
             sch.set_timesteps(num_steps)
-            ours = diffusion.sd_timesteps(num_steps, spacing, style=samplers_lib.STYLE[sampler])
+            ours = diffusion.sd_timesteps(num_steps, spacing, style=samplers_lib.sampler_spec(sampler).grid_style)
             np.testing.assert_allclose(
                 ours, sch.timesteps.numpy(), atol=1e-4, err_msg=f"{sampler}/{num_steps}"
             )

@@ -162,6 +162,7 @@ def test_workdir_with_mismatched_config_is_one_line(tiny_workdir, tmp_path):
 # ---------------------------------------------------------------------------------------- bad input
 def test_bad_input_one_line_errors(comps, tiny_sd, tmp_path):
     t2i = TextToImage(comps, compilation_cache=False)
+    compiled = t2i.num_compiled  # the model (a shared fixture) keeps what other tests compiled
     img = smooth_image(0)
     cases = [
         (lambda: t2i([], num_steps=2), "empty prompt list"),
@@ -186,7 +187,7 @@ def test_bad_input_one_line_errors(comps, tiny_sd, tmp_path):
         with pytest.raises(ConfigError, match=match) as err:
             fn()
         assert "\n" not in str(err.value)
-    assert t2i.num_compiled == 0
+    assert t2i.num_compiled == compiled  # every bad input failed before compiling anything
 
 
 def test_missing_model_files(tiny_sd, tmp_path):
@@ -202,6 +203,26 @@ def test_missing_model_files(tiny_sd, tmp_path):
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ConfigError, match="not a checkpoint file"):
         LatentDiffusion.from_pretrained(tmp_path / "weights.txt")
+
+
+def test_model_id_from_the_local_hugging_face_cache(tiny_sd, comps, tmp_path):
+    """An "org/name" id resolves to its snapshot in a local HF cache (layout models--org--name/snapshots/<rev>/,
+    refs/main), with no network; an id that is not cached is a one-line error naming it."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd.sd, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    model = LatentDiffusion.from_pretrained("someone/tiny-sd", cache_dir=cache)
+    assert model.source == str(repo / "snapshots" / ("0" * 40))
+    assert_same_tree(model.unet_params, comps.unet_params)
+    assert model.defaults == comps.defaults and model.prediction == comps.prediction
+    with pytest.raises(FileNotFoundError, match="'someone/other' is not a local path and not in the Hugging Face "
+                                                "cache") as err:
+        LatentDiffusion.from_pretrained("someone/other", cache_dir=cache)
+    assert "\n" not in str(err.value)
 
 
 def test_persistent_cache_setting_respects_user_and_opt_out(monkeypatch, tmp_path):

@@ -58,6 +58,7 @@ def test_text_to_image_matches_diffusers(tiny_sd, comps):
     prompts, negative = ["a red circle in the top left", "a blue square"], ["", "blurry, dark"]
     noise = noise_for(0, 2)
     pipe = TextToImage(comps, compilation_cache=False)
+    compiled = pipe.num_compiled  # the model (a shared fixture) keeps what other tests compiled
     ours = pipe(prompts, negative, num_steps=STEPS, guidance_scale=GUIDANCE, guidance_rescale=0.7, noise=noise,
                 height=SIZE, width=SIZE, progress=False)
     ref = tiny_sd.pipe(prompts, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
@@ -77,8 +78,9 @@ def test_text_to_image_matches_diffusers(tiny_sd, comps):
     # image does not depend on the other images of its batch.
     three = pipe(prompts[::-1] + ["a green triangle"], num_steps=STEPS, guidance_scale=3.0, guidance_rescale=0.7,
                  seed=41, batch_size=2, height=SIZE, width=SIZE, progress=False)
-    assert three.shape == (3, SIZE, SIZE, 3) and np.abs(three[:2].astype(int) - seeded).max() <= 1
-    assert pipe.num_compiled == 1
+    assert three.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(three[:2], seeded)  # bit for bit: micro-batches make images batch-independent
+    assert pipe.num_compiled == compiled + 1
 
 
 def test_img2img_matches_diffusers(tiny_sd, comps, monkeypatch):

@@ -88,14 +88,19 @@ def test_cli_bad_input_is_one_line(tiny_sd, inputs, tmp_path, capsys):
         ([model, out, "--prompt=a", "--num_steps=0"], "--num_steps must be >= 1"),
         ([model, out, "--prompt=a", f"--init-image={inputs / 'init.png'}", "--strength=1.5"], r"\[0, 1\]"),
         ([f"--model={tmp_path / 'none'}", out, "--prompt=a"], "not found"),
-        ([model, out, "--prompt=a", f"--mask={inputs / 'mask32.png'}"], "--mask needs --init-image"),
+        ([model, out, "--prompt=a", f"--mask={inputs / 'mask32.png'}"], "--mask needs --init_image"),
         ([model, out, "--prompt=a", f"--init-image={inputs / 'init.png'}", f"--mask={inputs / 'mask32.png'}"],
-         "--mask is 32x32 but --init-image is 64x64"),
+         "--mask is 32x32 but --init_image is 64x64"),
         ([model, out, "--prompt=a", f"--init-image={inputs / 'init60.png'}"], "not a multiple of 8"),
         ([model, out, "--prompt=a", f"--init-image={inputs / 'nothing.png'}"], "image file .* not found"),
         ([model, out, f"--prompts-file={tmp_path / 'missing.txt'}"], "prompts file .* not found"),
         ([f"--model={inputs}", out, "--prompt=a"], "lacks unet/config.json"),
+        ([model, f"--out={inputs / 'init.png'}", "--prompt=a"], "is a file"),
+        ([model, f"--out={tmp_path / 'taken'}", "--prompt=a", "--num_images=2", "--seed=3"],
+         "already holds 0001-seed4.png of this run's files"),
     ]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "0001-seed4.png").write_bytes(b"earlier work")
     import re
 
     for argv, match in cases:
@@ -104,3 +109,4 @@ def test_cli_bad_input_is_one_line(tiny_sd, inputs, tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, captured.err)
         assert re.search(match, lines[0]), (match, lines[0])
     assert not (tmp_path / "o").exists()
+    assert (tmp_path / "taken" / "0001-seed4.png").read_bytes() == b"earlier work"

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.training.checkpoint import Checkpointer, _is_finite, read_config, restore_params
+from ldm_jax.ldm.workdirs import read_config, restore_params
+from ldm_jax.training.checkpoint import Checkpointer, _is_finite
 from ldm_jax.training.optim import tree_all_finite
 from ldm_jax.training.state import create_state
 

@@ -6,8 +6,8 @@ import sys
 import jax
 import numpy as np
 
+from ldm_jax.ldm.workdirs import restore_params
 from ldm_jax.training import toy, train
-from ldm_jax.training.checkpoint import restore_params
 from ldm_jax.training.writers import read_metrics
 from tests.training import toy_cases
 

@@ -9,8 +9,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm_jax.configlib import load_config
 from ldm_jax.convert import diffusers as dconv
+from ldm_jax.ldm.workdirs import restore_params
 from ldm_jax.training import make_stage
-from ldm_jax.training.checkpoint import restore_params
 from ldm_jax.training.loop import train
 
 # One resolution level (cross-attention in the mid block) keeps the compiled step small on CPU.

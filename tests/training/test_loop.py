@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from ldm_jax.ldm.workdirs import restore_params
 from ldm_jax.training import run, toy, train
-from ldm_jax.training.checkpoint import restore_params
 from ldm_jax.training.writers import read_metrics
 from tests.training import toy_cases
 

@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # data: the fields of ldm_jax.data.DataConfig ("" means None for data_dir and latent_cache).
     c.data = dict(name="shapes", split="train", data_dir="", builder_kwargs={}, resolution=32, channels=3,
-                  center_crop=True, flip=False, batch_size=32, seed=0, caption_dropout=0.1, max_length=77,
+                  center_crop=True, flip=False, batch_size=32, seed=0, caption_dropout=0.1,
                   latent_cache="")
     # model: a preset name plus field overrides of its config (models.presets), or `pretrained` = a diffusers
     # folder; the stage-2 VAE may instead come from a stage-1 `workdir`.
@@ -146,8 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.autoencoder = dict(loss="l1", kl_weight=1e-6, disc_start=-1, disc_weight=0.5, disc_channels=64,
                          disc_layers=3, disc_lr=1e-4, perceptual_weight=0.0, lpips_vgg="", lpips_lin="")
     # logsnr_min / logsnr_max truncate a continuous schedule (cosine, sigmoid, ... reach logSNR = -inf at t = 1).
-    c.diffusion = dict(schedule="cosine", shift=1.0, zero_snr=False, logsnr_min=None, logsnr_max=None,
-                       prediction="eps", weighting="uniform", min_snr_gamma=5.0, noise_sampling="uniform")
+    # diffusion: ldm_jax.ldm.build.DiffusionConfig (every schedule, prediction, weighting and noise sampler of the
+    # diffusion core, with their options as dicts, and EDM preconditioning).
+    c.diffusion = dict(schedule="cosine", schedule_options={}, shift=1.0, zero_snr=False, logsnr_min=None,
+                       logsnr_max=None, prediction="eps", weighting="uniform", weighting_options={}, min_snr_gamma=5.0,
+                       noise_sampling="uniform", noise_sampling_options={}, precondition="none", sigma_data=0.5)
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                        warmup_steps=100, decay="cosine", grad_clip=1.0)
     c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,

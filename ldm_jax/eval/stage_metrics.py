@@ -12,6 +12,7 @@ with the same noise at every evaluation, through the evaluation ``ldm-jax evalua
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax
@@ -21,22 +22,40 @@ from ldm_jax.data import DataConfig, make_iterator
 from ldm_jax.eval.callback import EvalCallback, reconstruction_metric
 from ldm_jax.eval.generated import evaluate_generated
 from ldm_jax.ldm import SampleConfig
-from ldm_jax.types import ConfigError, nearest
+from ldm_jax.types import ConfigError, FrozenConfig, nearest
 
 LDM_METRICS = ("adherence", "fd_fmnist")
 AUTOENCODER_METRICS = ("recon",)
 
 
-def _requested(config, allowed: tuple[str, ...], stage: str) -> tuple[int, list[str]]:
-    ev = config.get("eval", {}) or {}
-    every, names = int(ev.get("every_steps", 0)), [str(m) for m in ev.get("metrics", ())]
-    for name in names:
-        if name not in allowed:
-            raise ConfigError(f"eval.metrics: '{name}' is not a {stage} metric{nearest(name, allowed)}; "
-                              f"choose from {', '.join(allowed)}")
-    if every and not names:
-        raise ConfigError(f"eval.every_steps={every} but eval.metrics is empty; name some of {', '.join(allowed)}")
-    return every, names
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(FrozenConfig):
+    """Typed ``eval`` section (module doc): period (0: off), metric names, images per evaluation."""
+
+    every_steps: int = 0
+    metrics: tuple = ()
+    num_samples: int = 64
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.num_samples < 1:
+            raise ConfigError(f"eval.every_steps must be >= 0 and eval.num_samples >= 1, got {self.every_steps} "
+                              f"and {self.num_samples}")
+
+    def requested(self, allowed: tuple[str, ...], stage: str) -> list[str]:
+        """The metric names, checked against the stage's (one-line ConfigError)."""
+        for name in self.metrics:
+            if name not in allowed:
+                raise ConfigError(f"eval.metrics: '{name}' is not a {stage} metric{nearest(name, allowed)}; "
+                                  f"choose from {', '.join(allowed)}")
+        if self.every_steps and not self.metrics:
+            raise ConfigError(f"eval.every_steps={self.every_steps} but eval.metrics is empty; name some of "
+                              f"{', '.join(allowed)}")
+        return list(self.metrics)
+
+
+def _requested(config, allowed: tuple[str, ...], stage: str) -> tuple[EvalConfig, list[str]]:
+    ev = EvalConfig.from_config(config.get("eval", {}) or {})
+    return ev, ev.requested(allowed, stage)
 
 
 def _check_dataset(name: str, metric: str, want: str, config) -> None:
@@ -58,12 +77,12 @@ def ldm_callbacks(config, generate) -> list:
     and the run's ``sample`` settings: the numbers ``ldm-jax evaluate --num_samples=N`` gives for the
     checkpoint of that step.
     """
-    every, names = _requested(config, LDM_METRICS, "latent-diffusion")
-    if not every:
+    ev, names = _requested(config, LDM_METRICS, "latent-diffusion")
+    if not ev.every_steps:
         return []
     settings = SampleConfig.from_config(config.sample).generate_kwargs()
     seed = settings.pop("seed")
-    n = int(config.eval.get("num_samples", 64))
+    n = ev.num_samples
     metrics = {}
     for name in names:
         dataset, what = _LDM_DATASET[name]
@@ -76,7 +95,7 @@ def ldm_callbacks(config, generate) -> list:
             return {k: v for k, v in result.items() if k != "num_images"}
 
         metrics[name] = metric
-    return [EvalCallback(every, metrics)]
+    return [EvalCallback(ev.every_steps, metrics)]
 
 
 def heldout_images(config, count: int) -> np.ndarray:
@@ -95,14 +114,14 @@ def heldout_images(config, count: int) -> np.ndarray:
 
 def autoencoder_callbacks(config, vae) -> list:
     """[EvalCallback] of the autoencoder stage: PSNR / SSIM (and rFD-FMNIST) on held-out images."""
-    every, names = _requested(config, AUTOENCODER_METRICS, "autoencoder")
-    if not every:
+    ev, _ = _requested(config, AUTOENCODER_METRICS, "autoencoder")
+    if not ev.every_steps:
         return []
-    images = heldout_images(config, int(config.eval.get("num_samples", 64)))
+    images = heldout_images(config, ev.num_samples)
     feature_fn = None
     if str(config.data.get("name", "")) == "fashion_mnist":
         from ldm_jax.eval.fmnist_net import fmnist_feature_fn
 
         feature_fn = fmnist_feature_fn()
     roundtrip = jax.jit(lambda params, x: vae.apply({"params": params}, x)[0])
-    return [EvalCallback(every, {"recon": reconstruction_metric(roundtrip, images, feature_fn=feature_fn)})]
+    return [EvalCallback(ev.every_steps, {"recon": reconstruction_metric(roundtrip, images, feature_fn=feature_fn)})]

@@ -8,6 +8,9 @@ model layer both read a config through these functions, so a workdir is interpre
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -16,13 +19,13 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.ldm.workdirs import read_config, restore_params
 from ldm_jax.models import presets
 from ldm_jax.models.text_encoder import TextEncoder
-from ldm_jax.types import ConfigError, _freeze, nearest
+from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
                 "sd15_inpaint": presets.sd15_inpaint_unet}
 VAE_PRESETS = {"tiny": presets.tiny_vae, "sd": presets.sd_vae}
 TEXT_ENCODERS = ("minilm", "clip")
-DEFAULT_MAX_LENGTH = 16  # model.text_encoder.max_length when a config omits it (configlib.base_config's value)
+PRECONDITIONS = ("none", "edm")
 
 
 def section(sec) -> dict:
@@ -75,26 +78,108 @@ def frozen_vae(sec):
                       "or model.vae.pretrained (a diffusers vae folder)")
 
 
-def text_encoder(sec) -> TextEncoder:
-    d = section(sec)
-    name = d.get("name", "minilm")
-    if name == "minilm":
-        return TextEncoder.minilm(max_length=int(d.get("max_length", DEFAULT_MAX_LENGTH)))
-    if name == "clip":
-        if not d.get("path"):
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig(FrozenConfig):
+    """Typed ``model.text_encoder`` section.
+
+    name: minilm (all-MiniLM-L6-v2 from its package, `max_length` tokens) or clip (an HF CLIPTextModel folder at
+    `path`, its tokenizer's length, conditioning from `hidden_layer` when > 0, e.g. -2 ... as CLIPTextEncoder).
+    """
+
+    name: str = "minilm"
+    path: str = ""
+    max_length: int = 16
+    hidden_layer: int = 0
+
+    def __post_init__(self):
+        check_choice("model.text_encoder.name", self.name, TEXT_ENCODERS)
+        if self.name == "clip" and not self.path:
             raise ConfigError("model.text_encoder.name='clip' needs model.text_encoder.path (an HF CLIP folder)")
-        layer = int(d.get("hidden_layer", 0)) or None
-        return TextEncoder.from_hf_clip(d["path"], hidden_layer=layer)
-    raise ConfigError(f"model.text_encoder.name='{name}' is unknown{nearest(name, TEXT_ENCODERS)}")
+        if self.max_length < 1:
+            raise ConfigError(f"model.text_encoder.max_length must be >= 1, got {self.max_length}")
+
+
+def text_encoder(sec) -> TextEncoder:
+    cfg = TextEncoderConfig.from_config(section(sec))
+    if cfg.name == "minilm":
+        return TextEncoder.minilm(max_length=cfg.max_length)
+    return TextEncoder.from_hf_clip(cfg.path, hidden_layer=cfg.hidden_layer or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig(FrozenConfig):
+    """Typed ``diffusion`` section: everything of the diffusion core a training run chooses.
+
+    schedule, schedule_options: ``diffusion.get_schedule(name, **options)`` (e.g. sigmoid start/end/tau, laplace
+      mu/b, edm sigma_min/sigma_max/rho, linear beta_start/beta_end); logsnr_min / logsnr_max (None:
+      untruncated) truncate a continuous schedule before zero_snr (Lin et al. 2023) and shift apply.
+    prediction: eps, v, x0 or flow (the network's output kind).
+    weighting, weighting_options: the loss weighting and its constants (min_snr gamma, p2 k and gamma, edm
+      sigma_data, sigmoid bias); min_snr_gamma is min_snr's gamma when weighting_options does not set it.
+    noise_sampling, noise_sampling_options: how training draws t (uniform t_min/t_max, logit_normal
+      mean/std, lognormal_sigma p_mean/p_std, low_discrepancy; ``discrete=True`` snaps to a table's timesteps).
+    precondition: "none", or "edm" (Karras et al. 2022: the network sees c_in x and c_noise = ln(sigma) / 4 and
+      predicts x0 = c_skip x + c_out F; needs prediction="x0"), with sigma_data.
+    The learned (VDM) schedule needs parameters trained beside the network; no training stage offers that yet.
+    """
+
+    schedule: str = "cosine"
+    schedule_options: Any = ()
+    shift: float = 1.0
+    zero_snr: bool = False
+    logsnr_min: float | None = None
+    logsnr_max: float | None = None
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    weighting_options: Any = ()
+    min_snr_gamma: float = 5.0
+    noise_sampling: str = "uniform"
+    noise_sampling_options: Any = ()
+    precondition: str = "none"
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        check_choice("diffusion.prediction", self.prediction, diffusion.PREDICTIONS)
+        check_choice("diffusion.weighting", self.weighting, diffusion.WEIGHTINGS)
+        check_choice("diffusion.noise_sampling", self.noise_sampling, diffusion.NOISE_SAMPLERS)
+        check_choice("diffusion.precondition", self.precondition, PRECONDITIONS)
+        if self.schedule == "learned":
+            raise ConfigError("diffusion.schedule='learned' needs its parameters trained with the network, which no "
+                              "training stage does yet; pick a fixed schedule")
+        if self.precondition == "edm" and self.prediction != "x0":
+            raise ConfigError(f"diffusion.precondition='edm' makes the network predict x0: set diffusion.prediction="
+                              f"'x0' (got '{self.prediction}')")
+        if not self.sigma_data > 0:
+            raise ConfigError(f"diffusion.sigma_data must be > 0, got {self.sigma_data}")
+
+    def make_schedule(self):
+        bounds = {k: float(v) for k, v in (("logsnr_min", self.logsnr_min), ("logsnr_max", self.logsnr_max))
+                  if v is not None}
+        return diffusion.get_schedule(self.schedule, shift=float(self.shift), zero_snr=bool(self.zero_snr),
+                                      **dict(self.schedule_options), **bounds)
+
+    def loss_options(self) -> dict:
+        """The keyword arguments of ``diffusion.loss`` beyond the prediction (weighting and its constants)."""
+        options = dict(self.weighting_options)
+        if self.weighting == "min_snr":
+            options.setdefault("gamma", float(self.min_snr_gamma))
+        return {"weighting": self.weighting, **options}
+
+    def check(self, schedule) -> None:
+        """Evaluates the weighting and the noise sampler once, so a wrong option fails before any step."""
+        diffusion.loss_weight(jnp.full((1,), 0.5), schedule=schedule, prediction=self.prediction,
+                              **self.loss_options())
+        diffusion.sample_t(self.noise_sampling, jax.random.key(0), 1, schedule=schedule,
+                           **dict(self.noise_sampling_options))
+
+
+def diffusion_config(sec) -> DiffusionConfig:
+    return DiffusionConfig.from_config(section(sec))
 
 
 def schedule(sec):
-    """The noise schedule of a ``diffusion`` section; ``logsnr_min`` / ``logsnr_max`` (None: untruncated)
-    truncate a continuous schedule before ``zero_snr`` and ``shift`` apply."""
-    d = section(sec)
-    bounds = {k: float(d[k]) for k in ("logsnr_min", "logsnr_max") if d.get(k) is not None}
-    return diffusion.get_schedule(d.get("schedule", "cosine"), shift=float(d.get("shift", 1.0)),
-                                  zero_snr=bool(d.get("zero_snr", False)), **bounds)
+    """The noise schedule of a ``diffusion`` section (`DiffusionConfig.make_schedule`)."""
+    return diffusion_config(sec).make_schedule()
 
 
 def as_arrays(tree):

@@ -119,21 +119,29 @@ class Options:
 class UNetDenoiser:
     """``(x_t, t, context) -> network output`` for `diffusion.cfg` / `diffusion.sample` and the training loss.
 
-    t is the framework's (B,) time in [0, 1]; the U-Net gets ``schedule.timestep(t)``. `context` is the
-    text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra` channels
-    (mask, masked-image latents) are appended to x_t along the channel axis. The output is float32.
+    t is the framework's (B,) time in [0, 1]; the U-Net gets ``schedule.timestep(t)``, or with
+    ``precondition="edm"`` EDM's scaled input and c_noise (``diffusion.edm_precondition``: the output is then
+    x0). `context` is the text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra`
+    channels (mask, masked-image latents) are appended to the network's input. The output is float32.
     """
 
     params: PyTree
     schedule: PyTree
     module: UNet = dataclasses.field(metadata=dict(static=True))
+    precondition: str = dataclasses.field(default="none", metadata=dict(static=True))
+    sigma_data: float = dataclasses.field(default=0.5, metadata=dict(static=True))
 
-    def __call__(self, x: Array, t: Array, context: PyTree) -> Array:
+    def _network(self, x: Array, timesteps: Array, context: PyTree) -> Array:
         if isinstance(context, dict):
             x = jnp.concatenate([x, context["concat"].astype(x.dtype)], axis=-1)
             context = context["text"]
-        timesteps = self.schedule.timestep(t)
         return self.module.apply({"params": self.params}, x, timesteps, context).astype(jnp.float32)
+
+    def __call__(self, x: Array, t: Array, context: PyTree) -> Array:
+        if self.precondition == "edm":
+            network = lambda x_in, c_noise: self._network(x_in.astype(x.dtype), c_noise, context)  # noqa: E731
+            return diffusion.edm_precondition(network, self.schedule, self.sigma_data)(x, t).astype(jnp.float32)
+        return self._network(x, self.schedule.timestep(t), context)
 
 
 def _conditional(denoiser, context, x, t):
@@ -210,7 +218,7 @@ def micro_batch_images(model, opts: Options, params: PyTree, batch: dict, scale)
     if extra is not None:
         ctx = {"text": ctx, "concat": extra}
         uctx = None if uctx is None else {"text": uctx, "concat": extra}
-    denoiser = UNetDenoiser(params["unet"], params["schedule"], unet)
+    denoiser = UNetDenoiser(params["unet"], params["schedule"], unet, model.precondition, model.sigma_data)
     keys = jax.vmap(jax.random.key)(batch["seeds"])
     x0 = _sample_batch(opts, params, denoiser, batch["noise"], keys, ctx, uctx, scale, init, mask, known)
     if mask is not None:  # the kept region is exactly the input's latents at the end (as diffusers' last step)

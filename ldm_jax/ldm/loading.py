@@ -218,15 +218,14 @@ def config_parts(config, unet_params=None) -> dict:
     if unet_cfg.cross_attention_dim != te.hidden_size:
         raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
                           f"gives {te.hidden_size}-wide states: make them equal")
-    dif = config.get("diffusion", {}) or {}
-    schedule = build.schedule(dif)
-    prediction = str(dif.get("prediction", "eps"))
+    dif = build.diffusion_config(config.get("diffusion", {}))
+    schedule = dif.make_schedule()
     resolution = (config.get("data", {}) or {}).get("resolution")
     # U-Net parameters stay as given (host arrays from a pretrained folder: training starts from them, and
     # `generate` places them on its devices once)
     return dict(unet_config=unet_cfg, unet_params=None if unet_params is None else unbox(unet_params),
                 vae_config=vae_cfg, vae_params=_device(vae_params), text_encoder=te, schedule=schedule,
-                prediction=PREDICTION_NAMES.get(prediction, prediction),
+                prediction=dif.prediction, precondition=dif.precondition, sigma_data=dif.sigma_data,
                 defaults=SamplingDefaults.for_schedule(schedule), default_size=int(resolution) if resolution else None,
                 sample=SampleConfig.from_config(config.get("sample", {}) or {}))
 

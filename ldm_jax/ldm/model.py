@@ -45,6 +45,8 @@ class LatentDiffusion:
     text_encoder: TextEncoder
     schedule: diffusion.Schedule
     prediction: str = "eps"
+    precondition: str = "none"  # "edm": EDM's preconditioning around the network (x0 prediction)
+    sigma_data: float = 0.5
     defaults: SamplingDefaults = SamplingDefaults()
     source: str = ""
     dtype: Any = None
@@ -137,7 +139,8 @@ class LatentDiffusion:
 
     def denoiser(self, unet_params: PyTree = None) -> UNetDenoiser:
         """The model wrapper over these (or the given) U-Net parameters."""
-        return UNetDenoiser(self.unet_params if unet_params is None else unet_params, self.schedule, self.unet)
+        return UNetDenoiser(self.unet_params if unet_params is None else unet_params, self.schedule, self.unet,
+                            self.precondition, self.sigma_data)
 
     def params(self, unet_params: PyTree = None) -> dict:
         """The traced inputs of the jitted generation function (schedule included: it is a pytree)."""

@@ -17,6 +17,8 @@ The discriminator and its optimizer state live in ``TrainState.extra`` and are u
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from ldm_jax.models import AutoencoderKL, unbox
 from ldm_jax.models.lpips import LPIPS, load_lpips
 from ldm_jax.training.ldm import NumericBatches
 from ldm_jax.training.task import Task
-from ldm_jax.types import ConfigError
+from ldm_jax.types import ConfigError, FrozenConfig
 
 
 class PatchDiscriminator(nn.Module):
@@ -58,17 +60,42 @@ def reconstruction(x, rec, kind: str):
     return jnp.mean(jnp.abs(diff)) if kind == "l1" else jnp.mean(jnp.square(diff))
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoencoderLossConfig(FrozenConfig):
+    """Typed ``autoencoder`` section: reconstruction loss (l1 / l2) + kl_weight * KL, the PatchGAN from step
+    `disc_start` (-1: none) with LDM's adaptive weight times `disc_weight`, and perceptual_weight * LPIPS-VGG
+    from the local files `lpips_vgg` (torchvision vgg16 state dict) and `lpips_lin` (lpips' vgg.pth)."""
+
+    loss: str = "l1"
+    kl_weight: float = 1e-6
+    disc_start: int = -1
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: float = 1e-4
+    perceptual_weight: float = 0.0
+    lpips_vgg: str = ""
+    lpips_lin: str = ""
+
+    def __post_init__(self):
+        if self.loss not in ("l1", "l2"):
+            raise ConfigError(f"autoencoder.loss='{self.loss}': use 'l1' or 'l2'")
+        if min(self.kl_weight, self.disc_weight, self.perceptual_weight, self.disc_lr) < 0:
+            raise ConfigError("autoencoder.kl_weight, disc_weight, perceptual_weight and disc_lr must be >= 0")
+        if self.perceptual_weight > 0 and not (self.lpips_vgg and self.lpips_lin):
+            raise ConfigError("autoencoder.perceptual_weight > 0 needs local LPIPS weights: set autoencoder.lpips_vgg "
+                              "(torchvision vgg16 .pth) and autoencoder.lpips_lin (lpips vgg.pth)")
+
+
 def make_task(config, workdir: str):
     """(Task, callbacks) of the autoencoder stage."""
-    ac = config.autoencoder
-    kind = str(ac.loss)
-    if kind not in ("l1", "l2"):
-        raise ConfigError(f"autoencoder.loss='{kind}': use 'l1' or 'l2'")
+    ac = AutoencoderLossConfig.from_config(config.autoencoder)
+    kind = ac.loss
     vae = AutoencoderKL(build.vae_config(config.model.vae, **build.compute_options(config)))
     dcfg = DataConfig.from_run_config(config, caption_dropout=0.0)
-    use_gan = int(ac.disc_start) >= 0
-    disc = PatchDiscriminator(int(ac.disc_channels), int(ac.disc_layers))
-    d_tx = optax.adam(float(ac.disc_lr), b1=0.5, b2=0.9)
+    use_gan = ac.disc_start >= 0
+    disc = PatchDiscriminator(ac.disc_channels, ac.disc_layers)
+    d_tx = optax.adam(ac.disc_lr, b1=0.5, b2=0.9)
     res = dcfg.resolution
     example = jnp.zeros((1, res, res, dcfg.channels), jnp.float32)
 
@@ -80,11 +107,8 @@ def make_task(config, workdir: str):
                                                                       "kernel": kernel}}}
         return vae.apply({"params": p}, z, method=vae.decode)
 
-    perceptual_weight, frozen_params = float(ac.get("perceptual_weight", 0.0)), None
+    perceptual_weight, frozen_params = ac.perceptual_weight, None
     if perceptual_weight > 0:
-        if not (ac.get("lpips_vgg") and ac.get("lpips_lin")):
-            raise ConfigError("autoencoder.perceptual_weight > 0 needs local LPIPS weights: set autoencoder.lpips_vgg "
-                              "(torchvision vgg16 .pth) and autoencoder.lpips_lin (lpips vgg.pth)")
         frozen_params = {"lpips": load_lpips(ac.lpips_vgg, ac.lpips_lin)}
     lpips = LPIPS()
 
@@ -103,7 +127,7 @@ def make_task(config, workdir: str):
         rec = vae.apply({"params": params}, z, method=vae.decode)
         rec_loss, metrics = rec_terms(x, rec, frozen)
         kl = jnp.mean(post.kl()) / (x.shape[1] * x.shape[2] * x.shape[3])
-        loss = rec_loss + float(ac.kl_weight) * kl
+        loss = rec_loss + ac.kl_weight * kl
         metrics.update(rec_loss=rec_loss, kl=kl)
         if use_gan:
             kernel = params["decoder"]["conv_out"]["kernel"]
@@ -115,7 +139,7 @@ def make_task(config, workdir: str):
             g_rec = vjp(jax.grad(lambda r: rec_terms(x, r, frozen)[0])(rec_w))[0]
             g_adv = vjp(jax.grad(g_loss_of)(rec_w))[0]
             lam = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4), 0.0, 1e4)
-            lam = jax.lax.stop_gradient(lam) * float(ac.disc_weight) * (step >= int(ac.disc_start))
+            lam = jax.lax.stop_gradient(lam) * ac.disc_weight * (step >= ac.disc_start)
             g_loss = g_loss_of(rec)
             loss = loss + lam * g_loss
             metrics.update(g_loss=g_loss, adv_weight=lam)
@@ -135,7 +159,7 @@ def make_task(config, workdir: str):
             return hinge_d_loss(disc.apply({"params": dp}, x), disc.apply({"params": dp}, rec))
 
         d_loss, grads = jax.value_and_grad(d_loss_of)(extra["params"])
-        on = step >= int(ac.disc_start)
+        on = step >= ac.disc_start
         updates, opt_state = d_tx.update(grads, extra["opt_state"], extra["params"])
         new_params = optax.apply_updates(extra["params"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)  # noqa: E731

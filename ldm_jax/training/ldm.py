@@ -30,9 +30,8 @@ from ldm_jax import diffusion
 from ldm_jax.data import DataConfig, DataError, build_latent_cache, make_iterator
 from ldm_jax.eval import stage_metrics
 from ldm_jax.images import make_grid, save_png
-from ldm_jax.ldm import LatentDiffusion, SampleConfig
+from ldm_jax.ldm import LatentDiffusion, SampleConfig, build
 from ldm_jax.models import unbox
-from ldm_jax.training import components
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError
 
@@ -107,9 +106,9 @@ def make_task(config, workdir: str):
     if dcfg.resolution % f:
         raise ConfigError(f"data.resolution={dcfg.resolution} is not a multiple of the VAE's factor {f}")
     latent_shape = (dcfg.resolution // f, dcfg.resolution // f, model.latent_channels)
-    dc = config.diffusion  # read here, never inside the traced loss
-    noise_sampling, weighting = str(dc.noise_sampling), str(dc.weighting)
-    weighting_kwargs = components.weighting_kwargs(dc)
+    dc = build.diffusion_config(config.diffusion)  # typed here; the traced loss reads only its fields
+    dc.check(model.schedule)
+    noise_sampling, noise_options, loss_options = dc.noise_sampling, dict(dc.noise_sampling_options), dc.loss_options()
 
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -133,12 +132,12 @@ def make_task(config, workdir: str):
             ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
         ctx = jax.lax.stop_gradient(ctx)
         b = latents.shape[0]
-        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=model.schedule)
+        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=model.schedule, **noise_options)
         noise = jax.random.normal(r_noise, latents.shape)
         x_t = diffusion.q_sample(model.schedule, latents, t, noise)
         out = model.denoiser(params)(x_t, t, ctx.astype(x_t.dtype))
         per_example = diffusion.loss(out, latents, noise, t, schedule=model.schedule, prediction=model.prediction,
-                                     weighting=weighting, **weighting_kwargs)
+                                     **loss_options)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
     keys = ("latent_mean", "latent_std", "text_embedding", "input_ids", "attention_mask") if dcfg.latent_cache else (

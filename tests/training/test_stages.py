@@ -129,8 +129,14 @@ def test_eval_callbacks_log_metrics_during_training(tmp_path):
     ldm.data.data_dir, ldm.model.vae.workdir = data, str(tmp_path / "ae")
     ldm.train.num_steps, ldm.sample.every_steps = 2, 0
     ldm.eval.every_steps, ldm.eval.metrics, ldm.eval.num_samples = 2, ("adherence",), 4
+    # the diffusion core's EDM recipe from the config alone: schedule, sampling of sigma, weighting, preconditioning
+    ldm.diffusion.update(schedule="edm", prediction="x0", precondition="edm", sigma_data=0.5, weighting="edm",
+                         weighting_options={"sigma_data": 0.5}, noise_sampling="lognormal_sigma")
     run(ldm, str(tmp_path / "ldm"))
-    rows = [r for r in read_metrics(str(tmp_path / "ldm")) if "eval/adherence/color_acc" in r]
+    metrics = read_metrics(str(tmp_path / "ldm"))
+    assert [r["step"] for r in metrics if "loss" in r] == [2] and all(np.isfinite(r["loss"]) for r in metrics
+                                                                      if "loss" in r)
+    rows = [r for r in metrics if "eval/adherence/color_acc" in r]
     assert [r["step"] for r in rows] == [2] and 0.0 <= rows[0]["eval/adherence/color_acc"] <= 1.0
 
     from ldm_jax.eval import stage_metrics

@@ -7,6 +7,7 @@
         --inception_weights=pt_inception-2015-12-05-6726825d.pth [--precision_recall]
     ldm-jax evaluate --images=gen/ --reference=fashion_mnist:test      # FD-FMNIST of a folder
     ldm-jax evaluate --images=samples/ --clip=clip-vit-base-patch32    # CLIP score (prompts from the PNGs)
+    ldm-jax evaluate --images=gen/ --inception_score --inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 A latent-diffusion workdir is sampled from its EMA parameters through `LatentDiffusion.generate` (sampler,
 steps, guidance and micro-batch default to the run's `sample` config; image i uses seed + i, so
@@ -50,6 +51,8 @@ _CLIP = flags.DEFINE_string("clip", "", "An HF CLIPModel folder: CLIP score of t
 _PROMPTS = flags.DEFINE_string("prompts", "", "Prompts of --images for the CLIP score, one line per image in "
                                "file-name order (default: each PNG's 'prompt' text chunk).")
 _PR = flags.DEFINE_bool("precision_recall", False, "Also improved precision / recall (Kynkaanniemi et al. 2019).")
+_IS = flags.DEFINE_bool("inception_score", False, "Also the Inception Score of the images (Salimans et al. 2016, "
+                        "torch-fidelity's conventions, 10 splits); needs --inception_weights with the fc layer.")
 _NUM_REF = flags.DEFINE_integer("num_reference", 10000, "Most images read from a dataset --reference.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir of a dataset --reference (default: $TFDS_DATA_DIR"
                                 " or ~/tensorflow_datasets).")
@@ -202,9 +205,26 @@ def folder_prompts(prompts: list, count: int) -> list[str]:
     return list(prompts)
 
 
+def inception_score_of(images) -> dict:
+    """{"inception_score", "inception_score_std"} of uint8 images under --inception_weights' classifier."""
+    if not _INCEPTION.value:
+        fail("--inception_score needs --inception_weights=PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
+             "with its fc layer); nothing is downloaded")
+    from ldm_jax.eval.inception import inception_logits_fn
+    from ldm_jax.eval.inception_score import inception_score
+
+    try:
+        logits = features_of(inception_logits_fn(_INCEPTION.value), [images])
+        mean, std = inception_score(logits, splits=min(10, len(images)))
+    except _USER_ERRORS as e:
+        fail(f"--inception_score: {e}")
+    return {"inception_score": mean, "inception_score_std": std}
+
+
 def evaluate_folders() -> dict:
-    if not _REFERENCE.value and not _CLIP.value:
-        fail("--images needs --reference=FOLDER_or_DATASET (FD / KID) and/or --clip=PATH (CLIP score)")
+    if not _REFERENCE.value and not _CLIP.value and not _IS.value:
+        fail("--images needs --reference=FOLDER_or_DATASET (FD / KID), --clip=PATH (CLIP score) and/or "
+             "--inception_score")
     images, prompts = read_folder(_IMAGES.value)
     prompts = folder_prompts(prompts, len(images)) if _CLIP.value else None
     scorer = load_clip_scorer()
@@ -220,6 +240,8 @@ def evaluate_folders() -> dict:
                    **distances(real, features_of(fn, [images]), precision_recall=_PR.value))
     if scorer is not None:
         out.update(scorer(images, prompts))
+    if _IS.value:
+        out.update(inception_score_of(images))
     return out
 
 
@@ -272,6 +294,8 @@ def evaluate_ldm(workdir: str, config: dict) -> dict:
         out["num_images"] = len(images)
     if scorer is not None:
         out.update(scorer(images, prompts))
+    if _IS.value:
+        out.update(inception_score_of(images))
     if _SAVE.value:
         imlib.save_generated(_SAVE.value, images, prompts, seed, dict(model=workdir, **settings))
     return out

@@ -70,7 +70,8 @@ def test_folders_fd_kid_and_errors(tmp_path, fmnist):
               ([f"--images={a}", f"--reference={b}", "--features=clip"], "--clip=PATH"),
               ([f"--images={a}", f"--clip={tmp_path}"], "--prompts=FILE"),  # the PNGs carry no prompts
               ([f"--images={a}", f"--clip={tmp_path}", f"--prompts={lines}"], "config.json"),
-              ([f"--workdir={tmp_path}"], "no checkpoints"))
+              ([f"--workdir={tmp_path}"], "no checkpoints"),
+              ([f"--images={a}", "--inception_score"], "--inception_weights"))
     proc, *failed = _cli_many(
         [f"--images={a}", f"--reference={b}", "--features=fmnist", "--precision_recall", f"--out={out}"],
         *(args for args, _ in errors))

@@ -167,6 +167,31 @@ def test_logits_and_inception_score_match_torch(reference):
     np.testing.assert_allclose(head, want_biased.numpy(), rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_evaluate_cli_inception_score(reference, tmp_path):
+    """`ldm-jax evaluate --images=DIR --inception_score` reads the PNGs and gives the torch reference's score."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    model, path, state = reference
+    images = _smooth_images(20, 24)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    out = tmp_path / "is.json"
+    proc = subprocess.run([sys.executable, "-m", "ldm_jax", "evaluate", f"--images={folder}", "--inception_score",
+                           f"--inception_weights={path}", f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    with torch.no_grad():
+        pool = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)[0][:, :, 0, 0]
+    want = _torch_inception_score(pool.mm(state["fc.weight"].T), 10)
+    np.testing.assert_allclose((result["inception_score"], result["inception_score_std"]), want, rtol=1e-5)
+
+
 def test_inception_score_matches_torch_on_synthetic_logits():
     logits = np.random.default_rng(0).normal(size=(103, 50)) * np.linspace(0.1, 8.0, 103)[:, None]
     for splits in (1, 7, 10):  # 103 rows: unequal chunks

@@ -53,16 +53,17 @@ class EvalCallback:
       writer: a ``MetricWriter``; without one the scalars are returned for the training loop to write.
       use_ema: evaluate ``state.ema_params`` (falls back to ``state.params`` when the state has none).
       at_start: also evaluate at step 0.
+      params_of: ``(state, params) -> what the metric functions get`` (default: the parameters themselves).
     """
 
     def __init__(self, every_steps: int, metrics: Mapping[str, MetricFn], *, writer=None,
-                 use_ema: bool = True, prefix: str = "eval", at_start: bool = False):
+                 use_ema: bool = True, prefix: str = "eval", at_start: bool = False, params_of=None):
         if every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {every_steps}")
         if not metrics:
             raise ValueError("EvalCallback needs at least one metric function")
         self.every_steps, self.metrics, self.writer = int(every_steps), dict(metrics), writer
-        self.use_ema, self.prefix, self.at_start = use_ema, prefix, at_start
+        self.use_ema, self.prefix, self.at_start, self.params_of = use_ema, prefix, at_start, params_of
 
     def __call__(self, step: int, state) -> dict[str, float] | None:
         step = int(step)
@@ -70,6 +71,8 @@ class EvalCallback:
             return None
         ema = getattr(state, "ema_params", None) if self.use_ema else None
         params = nn.meta.unbox(ema if ema is not None else state.params)
+        if self.params_of is not None:  # e.g. the parameters plus a learned schedule's from state.extra
+            params = self.params_of(state, params)
         scalars = {}
         for name, fn in self.metrics.items():
             start = time.perf_counter()

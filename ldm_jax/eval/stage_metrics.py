@@ -69,13 +69,13 @@ _LDM_DATASET = {"adherence": ("shapes", "the shapes checker"),
                 "fd_fmnist": ("fashion_mnist", "the Fashion-MNIST feature net")}
 
 
-def ldm_callbacks(config, generate) -> list:
+def ldm_callbacks(config, generate, params_of=None) -> list:
     """[EvalCallback] of the latent-diffusion stage (empty when eval.every_steps is 0).
 
-    `generate` is ``generate(params, prompts, **sample settings) -> uint8`` (`LatentDiffusion.generate` with
-    other U-Net parameters). The metrics are `generated.evaluate_generated` with ``eval.num_samples`` images
-    and the run's ``sample`` settings: the numbers ``ldm-jax evaluate --num_samples=N`` gives for the
-    checkpoint of that step.
+    `generate` is ``generate(params, prompts, **sample settings) -> uint8`` (`LatentDiffusion.generate` with the
+    run's current weights); `params_of(state, ema_params)` makes its `params` (see `EvalCallback`). The metrics
+    are `generated.evaluate_generated` with ``eval.num_samples`` images and the run's ``sample`` settings: the
+    numbers ``ldm-jax evaluate --num_samples=N`` gives for the checkpoint of that step.
     """
     ev, names = _requested(config, LDM_METRICS, "latent-diffusion")
     if not ev.every_steps:
@@ -95,7 +95,7 @@ def ldm_callbacks(config, generate) -> list:
             return {k: v for k, v in result.items() if k != "num_images"}
 
         metrics[name] = metric
-    return [EvalCallback(ev.every_steps, metrics)]
+    return [EvalCallback(ev.every_steps, metrics, params_of=params_of)]
 
 
 def heldout_images(config, count: int) -> np.ndarray:

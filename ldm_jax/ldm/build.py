@@ -120,7 +120,10 @@ class DiffusionConfig(FrozenConfig):
       mean/std, lognormal_sigma p_mean/p_std, low_discrepancy; ``discrete=True`` snaps to a table's timesteps).
     precondition: "none", or "edm" (Karras et al. 2022: the network sees c_in x and c_noise = ln(sigma) / 4 and
       predicts x0 = c_skip x + c_out F; needs prediction="x0"), with sigma_data.
-    The learned (VDM) schedule needs parameters trained beside the network; no training stage offers that yet.
+    schedule="learned" (Kingma et al. 2021, VDM) is trained jointly with the network: its parameters
+      (``learned_schedule_init`` with schedule_options hidden / logsnr_min / logsnr_max / scale) are trained to
+      minimize the variance of the loss, which the ELBO weighting makes independent of the schedule's interior
+      in expectation; so it needs weighting="elbo". The endpoints stay at logsnr_min / logsnr_max.
     """
 
     schedule: str = "cosine"
@@ -143,16 +146,30 @@ class DiffusionConfig(FrozenConfig):
         check_choice("diffusion.weighting", self.weighting, diffusion.WEIGHTINGS)
         check_choice("diffusion.noise_sampling", self.noise_sampling, diffusion.NOISE_SAMPLERS)
         check_choice("diffusion.precondition", self.precondition, PRECONDITIONS)
-        if self.schedule == "learned":
-            raise ConfigError("diffusion.schedule='learned' needs its parameters trained with the network, which no "
-                              "training stage does yet; pick a fixed schedule")
+        if self.learned and self.weighting != "elbo":
+            raise ConfigError(f"diffusion.schedule='learned' is trained to minimize the loss variance, which leaves "
+                              f"the loss unchanged only under the ELBO weighting: set diffusion.weighting='elbo' "
+                              f"(got '{self.weighting}')")
         if self.precondition == "edm" and self.prediction != "x0":
             raise ConfigError(f"diffusion.precondition='edm' makes the network predict x0: set diffusion.prediction="
                               f"'x0' (got '{self.prediction}')")
         if not self.sigma_data > 0:
             raise ConfigError(f"diffusion.sigma_data must be > 0, got {self.sigma_data}")
 
-    def make_schedule(self):
+    @property
+    def learned(self) -> bool:
+        return self.schedule == "learned"
+
+    def init_schedule_params(self, rng) -> dict:
+        """A learned schedule's initial parameters (``diffusion.learned_schedule_init`` with schedule_options)."""
+        return diffusion.learned_schedule_init(rng, **dict(self.schedule_options))
+
+    def make_schedule(self, params=None):
+        """The schedule; a learned one from `params` (default: its initial parameters, seed 0)."""
+        if self.learned:
+            params = self.init_schedule_params(jax.random.key(0)) if params is None else params
+            return diffusion.get_schedule("learned", params=params, shift=float(self.shift),
+                                          zero_snr=bool(self.zero_snr))
         bounds = {k: float(v) for k, v in (("logsnr_min", self.logsnr_min), ("logsnr_max", self.logsnr_max))
                   if v is not None}
         return diffusion.get_schedule(self.schedule, shift=float(self.shift), zero_snr=bool(self.zero_snr),

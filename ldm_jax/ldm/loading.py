@@ -36,7 +36,7 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.ldm import build
 from ldm_jax.ldm.generate import SampleConfig
-from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
+from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params, restore_state_item
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import CLIPTextEncoder
 from ldm_jax.models.text_encoder import TextEncoder
@@ -199,11 +199,12 @@ def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction
 
 
 # ---------------------------------------------------------------------------- (c) run configs and workdirs
-def config_parts(config, unet_params=None) -> dict:
+def config_parts(config, unet_params=None, schedule_params=None) -> dict:
     """A run config's model (the way training builds it): ``model.unet`` preset (with ``train.dtype`` / remat)
     or pretrained folder, the frozen VAE of ``model.vae.workdir`` / ``model.vae.pretrained``,
     ``model.text_encoder``, the ``diffusion`` section's schedule and prediction, ``data.resolution`` as the
-    default image size. `unet_params` default to the pretrained folder's weights (None without one)."""
+    default image size. `unet_params` default to the pretrained folder's weights (None without one);
+    `schedule_params` are a learned schedule's (default: its initial ones)."""
     model = config["model"]
     te = build.text_encoder(model["text_encoder"])
     vae_cfg, vae_params = build.frozen_vae(model["vae"])
@@ -219,7 +220,7 @@ def config_parts(config, unet_params=None) -> dict:
         raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
                           f"gives {te.hidden_size}-wide states: make them equal")
     dif = build.diffusion_config(config.get("diffusion", {}))
-    schedule = dif.make_schedule()
+    schedule = dif.make_schedule(schedule_params)
     resolution = (config.get("data", {}) or {}).get("resolution")
     # U-Net parameters stay as given (host arrays from a pretrained folder: training starts from them, and
     # `generate` places them on its devices once)
@@ -247,7 +248,10 @@ def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool
     stage = config.get("train", {}).get("stage")
     if stage != "ldm":
         raise ConfigError(f"workdir '{path}' holds a '{stage}' stage: sample from a latent-diffusion (ldm) workdir")
-    parts = config_parts(config)
+    schedule_params = None
+    if build.diffusion_config(config.get("diffusion", {})).learned:  # trained beside the U-Net (TrainState.extra)
+        schedule_params = restore_state_item(path, "extra", step)["params"]
+    parts = config_parts(config, schedule_params=schedule_params)
     unet_params = _check_params(unbox(restore_params(path, step, ema=ema)), unet_param_shapes(parts["unet_config"]),
                                 f"U-Net of {path}")
     parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)

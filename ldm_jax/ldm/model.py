@@ -96,10 +96,11 @@ class LatentDiffusion:
         return cls(**loading.single_file_parts(path, **kwargs))
 
     @classmethod
-    def from_config(cls, config, unet_params: PyTree = None) -> LatentDiffusion:
+    def from_config(cls, config, unet_params: PyTree = None, schedule_params: PyTree = None) -> LatentDiffusion:
         """From a run config (model, diffusion and data sections, read as training reads them) and U-Net
-        parameters (None: a model to be trained, or a ``model.unet.pretrained`` folder's weights)."""
-        return cls(**loading.config_parts(config, unet_params))
+        parameters (None: a model to be trained, or a ``model.unet.pretrained`` folder's weights); a learned
+        schedule's parameters (default: its initial ones)."""
+        return cls(**loading.config_parts(config, unet_params, schedule_params))
 
     def replace(self, **changes) -> LatentDiffusion:
         """A copy with `changes`. A copy with other parameters only (e.g. ``unet_params=ema``) shares the compiled
@@ -137,18 +138,19 @@ class LatentDiffusion:
         """Image side when none is given."""
         return self.default_size or self.unet_config.sample_size * self.downsample_factor
 
-    def denoiser(self, unet_params: PyTree = None) -> UNetDenoiser:
-        """The model wrapper over these (or the given) U-Net parameters."""
-        return UNetDenoiser(self.unet_params if unet_params is None else unet_params, self.schedule, self.unet,
-                            self.precondition, self.sigma_data)
+    def denoiser(self, unet_params: PyTree = None, schedule=None) -> UNetDenoiser:
+        """The model wrapper over these (or the given) U-Net parameters and schedule."""
+        return UNetDenoiser(self.unet_params if unet_params is None else unet_params,
+                            self.schedule if schedule is None else schedule, self.unet, self.precondition,
+                            self.sigma_data)
 
-    def params(self, unet_params: PyTree = None) -> dict:
+    def params(self, unet_params: PyTree = None, schedule=None) -> dict:
         """The traced inputs of the jitted generation function (schedule included: it is a pytree)."""
         unet_params = self.unet_params if unet_params is None else unet_params
         if unet_params is None:
             raise ConfigError("this model has no U-Net parameters yet: pass unet_params=...")
         return {"unet": unet_params, "vae": self.vae_params, "text": self.text_encoder.params,
-                "schedule": self.schedule}
+                "schedule": self.schedule if schedule is None else schedule}
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(
@@ -176,6 +178,7 @@ class LatentDiffusion:
         micro_batch: int = 1,
         devices: Sequence | None = None,
         unet_params: PyTree = None,
+        schedule=None,
         progress: bool = False,
         **sampler_options,
     ) -> np.ndarray:
@@ -201,7 +204,8 @@ class LatentDiffusion:
             device. Results depend on micro_batch only (floating-point sums change with it), never on
             batch_size, the number of devices or the image's neighbours.
           devices: the devices the batch is spread over (default: all local devices).
-          unet_params: other U-Net parameters (e.g. a training run's EMA) with the same compiled function.
+          unet_params: other U-Net parameters (e.g. a training run's EMA) with the same compiled function;
+            schedule: another schedule of the same kind (a learned schedule's current parameters).
           sampler_options: ``diffusion.SAMPLER_OPTIONS`` and grid options (rho, sigma_min, sigma_max, t_max).
         """
         task = "text" if image is None else ("img2img" if mask is None else "inpaint")
@@ -210,7 +214,7 @@ class LatentDiffusion:
         return gen.run(self, prompts, negative_prompt, task=task, image=image, mask=mask,
                        num_images_per_prompt=num_images_per_prompt, height=height, width=width, seed=seed,
                        noise=noise, batch_size=batch_size, micro_batch=micro_batch, devices=devices,
-                       params=self.params(unet_params), progress=progress, sampler=sampler, num_steps=num_steps,
-                       spacing=spacing, eta=eta, strength=strength, guidance_scale=guidance_scale,
+                       params=self.params(unet_params, schedule), progress=progress, sampler=sampler,
+                       num_steps=num_steps, spacing=spacing, eta=eta, strength=strength, guidance_scale=guidance_scale,
                        guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, final=final,
                        sampler_options=sampler_options)

@@ -43,13 +43,17 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True) -
 
     Reads only that subtree, and works whatever mesh or number of processes wrote the checkpoint.
     """
+    return restore_state_item(workdir, "ema_params" if ema else "params", step)
+
+
+def restore_state_item(workdir: str, key: str, step: int | None = None) -> PyTree:
+    """One field of the checkpointed TrainState (e.g. "ema_params", "extra") as host numpy arrays."""
     folder = os.path.join(workdir, "checkpoints")
     steps = checkpoint_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"no checkpoints under {folder}: train first (ldm-jax train --workdir={workdir})")
     step = steps[-1] if step is None else step
     path = os.path.join(os.path.abspath(folder), str(step), "state")
-    key = "ema_params" if ema else "params"
     with ocp.PyTreeCheckpointer() as ckptr:
         metadata = ckptr.metadata(path).item_metadata
         item = {key: getattr(metadata, "tree", metadata)[key]}

@@ -25,6 +25,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ldm_jax import diffusion
 from ldm_jax.data import DataConfig, DataError, build_latent_cache, make_iterator
@@ -115,8 +116,7 @@ def make_task(config, workdir: str):
         ctx = jnp.zeros((1, te.max_length, te.hidden_size), jnp.float32)
         return model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]  # pretrained weights: Task.pretrained
 
-    def loss_fn(params, batch, rng, step, *, frozen, extra):
-        del step, extra
+    def per_example_loss(params, batch, rng, schedule, frozen):
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
         if "latent_mean" in batch:
             eps = jax.random.normal(r_lat, batch["latent_mean"].shape)
@@ -132,12 +132,20 @@ def make_task(config, workdir: str):
             ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
         ctx = jax.lax.stop_gradient(ctx)
         b = latents.shape[0]
-        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=model.schedule, **noise_options)
+        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=schedule, **noise_options)
         noise = jax.random.normal(r_noise, latents.shape)
-        x_t = diffusion.q_sample(model.schedule, latents, t, noise)
-        out = model.denoiser(params)(x_t, t, ctx.astype(x_t.dtype))
-        per_example = diffusion.loss(out, latents, noise, t, schedule=model.schedule, prediction=model.prediction,
-                                     **loss_options)
+        x_t = diffusion.q_sample(schedule, latents, t, noise)
+        out = model.denoiser(params, schedule)(x_t, t, ctx.astype(x_t.dtype))
+        return diffusion.loss(out, latents, noise, t, schedule=schedule, prediction=model.prediction,
+                              **loss_options), t
+
+    def schedule_of(extra):
+        """The schedule of this step: a learned one from its trained parameters, else the fixed one."""
+        return dc.make_schedule(jax.lax.stop_gradient(extra["params"])) if dc.learned else model.schedule
+
+    def loss_fn(params, batch, rng, step, *, frozen, extra):
+        del step
+        per_example, t = per_example_loss(params, batch, rng, schedule_of(extra), frozen)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
     keys = ("latent_mean", "latent_std", "text_embedding", "input_ids", "attention_mask") if dcfg.latent_cache else (
@@ -148,34 +156,75 @@ def make_task(config, workdir: str):
                            process_count=process_count)
         return NumericBatches(it, keys)
 
+    learned = learned_schedule_updates(dc, per_example_loss, float(config.optimizer.lr)) if dc.learned else {}
     task = Task(name="ldm", init=init, loss_fn=loss_fn, make_iterator=iterator, batch_size=dcfg.batch_size,
-                frozen=frozen, pretrained=pretrained)
+                frozen=frozen, pretrained=pretrained, **learned)
+
+    def current(state, ema_params):
+        """What generation uses at this step: the EMA U-Net and the step's schedule."""
+        return unbox(ema_params), (schedule_of(state.extra) if dc.learned else None)
+
     callbacks = []
     if sample.every_steps > 0:
-        callbacks.append(SampleGrid(model, sample, workdir))
+        callbacks.append(SampleGrid(model, sample, workdir, current))
     generate = functools.partial(_generate_from, model)
-    callbacks += stage_metrics.ldm_callbacks(config, generate)  # config.eval
+    callbacks += stage_metrics.ldm_callbacks(config, generate, params_of=current)  # config.eval
     return task, callbacks
 
 
-def _generate_from(model: LatentDiffusion, params, prompts, **settings):
-    """``generate(params, prompts, **settings) -> uint8``: the model's generate with U-Net parameters `params`."""
-    return model.generate(prompts, unet_params=unbox(params), **settings)
+def learned_schedule_updates(dc, per_example_loss, lr: float) -> dict:
+    """``init_extra`` / ``update_extra`` of a learned schedule trained with the network (Kingma et al. 2021, VDM).
+
+    Under the ELBO weighting the expected loss does not depend on the schedule between its endpoints, so the
+    schedule's parameters follow the gradient of the loss variance, E[L^2] (VDM Sec. 5.2); the endpoints
+    (logsnr_min, logsnr_max) stay fixed. Adam at the run's learning rate. The U-Net parameters get no gradient
+    from this update (it runs after theirs, with the parameters the loss saw).
+    """
+    tx = optax.adam(lr)
+    fixed = ("logsnr_min", "logsnr_max")
+
+    def init_extra(rng):
+        params = dc.init_schedule_params(rng)
+        return {"params": params, "opt_state": tx.init(params)}
+
+    def update_extra(extra, params, batch, rng, step, *, frozen):
+        del step
+
+        def second_moment(schedule_params):
+            per_example, _ = per_example_loss(jax.lax.stop_gradient(params), batch, rng,
+                                              dc.make_schedule(schedule_params), frozen)
+            return jnp.mean(jnp.square(per_example))
+
+        moment, grads = jax.value_and_grad(second_moment)(extra["params"])
+        grads = {k: jnp.zeros_like(g) if k in fixed else g for k, g in grads.items()}
+        updates, opt_state = tx.update(grads, extra["opt_state"], extra["params"])
+        return {"params": optax.apply_updates(extra["params"], updates), "opt_state": opt_state}, {
+            "schedule_loss_second_moment": moment}
+
+    return {"init_extra": init_extra, "update_extra": update_extra}
+
+
+def _generate_from(model: LatentDiffusion, current, prompts, **settings):
+    """``generate(current, prompts, **settings) -> uint8`` with ``current = (U-Net parameters, schedule or None)``
+    (see `make_task`'s ``current``)."""
+    unet_params, schedule = current
+    return model.generate(prompts, unet_params=unet_params, schedule=schedule, **settings)
 
 
 class SampleGrid:
     """Callback: every ``sample.every_steps`` a grid of ``sample.prompts`` from the EMA parameters (the images
     `LatentDiffusion.generate` gives for the same settings, tiled by ``images.make_grid``)."""
 
-    def __init__(self, model: LatentDiffusion, sample: SampleConfig, workdir: str):
-        self.model, self.sample = model, sample
+    def __init__(self, model: LatentDiffusion, sample: SampleConfig, workdir: str, current):
+        self.model, self.sample, self.current = model, sample, current
         self.dir = os.path.join(workdir, "samples")
 
     def __call__(self, step, state):
         if step % self.sample.every_steps:
             return None
         # every process generates (the EMA parameters may be sharded across processes); process 0 writes
-        images = self.model.generate(list(self.sample.prompts), unet_params=unbox(state.ema_params),
+        unet_params, schedule = self.current(state, state.ema_params)
+        images = self.model.generate(list(self.sample.prompts), unet_params=unet_params, schedule=schedule,
                                      **self.sample.generate_kwargs())
         if jax.process_index() != 0:
             return None

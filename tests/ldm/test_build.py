@@ -64,7 +64,7 @@ def test_schedule_options_and_bounds():
 
 @pytest.mark.parametrize("fields, match", [
     (dict(precondition="edm", prediction="eps"), "set diffusion.prediction='x0'"),
-    (dict(schedule="learned"), "needs its parameters trained"),
+    (dict(schedule="learned"), "set diffusion.weighting=.elbo."),  # trained by loss variance: ELBO only
     (dict(weighting="p3"), "did you mean 'p2'"),
     (dict(noise_sampling="logit_norm"), "did you mean 'logit_normal'"),
     (dict(precondition="karras"), "unknown diffusion.precondition"),

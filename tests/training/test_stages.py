@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -127,17 +129,38 @@ def test_eval_callbacks_log_metrics_during_training(tmp_path):
 
     ldm = load_config("configs/shapes_ldm.py:tiny")
     ldm.data.data_dir, ldm.model.vae.workdir = data, str(tmp_path / "ae")
-    ldm.train.num_steps, ldm.sample.every_steps = 2, 0
+    ldm.train.num_steps, ldm.sample.every_steps = 2, 2
     ldm.eval.every_steps, ldm.eval.metrics, ldm.eval.num_samples = 2, ("adherence",), 4
-    # the diffusion core's EDM recipe from the config alone: schedule, sampling of sigma, weighting, preconditioning
-    ldm.diffusion.update(schedule="edm", prediction="x0", precondition="edm", sigma_data=0.5, weighting="edm",
-                         weighting_options={"sigma_data": 0.5}, noise_sampling="lognormal_sigma")
-    run(ldm, str(tmp_path / "ldm"))
-    metrics = read_metrics(str(tmp_path / "ldm"))
-    assert [r["step"] for r in metrics if "loss" in r] == [2] and all(np.isfinite(r["loss"]) for r in metrics
-                                                                      if "loss" in r)
+    # Choices of the diffusion core from the config alone: a learned (VDM) schedule trained with the network
+    # under the ELBO weighting, and EDM's preconditioning (x0 prediction).
+    ldm.diffusion.update(schedule="learned", schedule_options={"hidden": 16}, weighting="elbo", prediction="x0",
+                         precondition="edm", sigma_data=0.5)
+    ldm_dir = str(tmp_path / "ldm")
+    state = run(ldm, ldm_dir)
+    metrics = read_metrics(ldm_dir)
+    losses = [r for r in metrics if "loss" in r]
+    assert [r["step"] for r in losses] == [2] and np.isfinite(losses[0]["loss"])
+    assert np.isfinite(losses[0]["schedule_loss_second_moment"])
     rows = [r for r in metrics if "eval/adherence/color_acc" in r]
     assert [r["step"] for r in rows] == [2] and 0.0 <= rows[0]["eval/adherence/color_acc"] <= 1.0
+
+    # the endpoints stay fixed; a workdir reloads the trained schedule, and the training grid (learned schedule of
+    # step 2) is what the reloaded model generates
+    from ldm_jax import diffusion
+    from ldm_jax.images import make_grid
+    from ldm_jax.ldm import LatentDiffusion
+
+    trained = jax.device_get(state.extra["params"])
+    assert float(trained["logsnr_min"]) == -10.0 and float(trained["logsnr_max"]) == 10.0
+    model = LatentDiffusion.from_workdir(ldm_dir)
+    t = np.linspace(0.05, 0.95, 7)
+    want = diffusion.get_schedule("learned", params=trained).logsnr(t)
+    np.testing.assert_array_equal(np.asarray(model.schedule.logsnr(t)), np.asarray(want))
+    s = ldm.sample
+    images = model.generate(list(s.prompts), seed=int(s.seed), sampler=str(s.sampler), num_steps=int(s.num_steps),
+                            guidance_scale=float(s.guidance_scale))
+    grid = np.asarray(Image.open(os.path.join(ldm_dir, "samples", "0000002.png")))
+    np.testing.assert_array_equal(grid, make_grid(images))
 
     from ldm_jax.eval import stage_metrics
 
@@ -147,6 +170,41 @@ def test_eval_callbacks_log_metrics_during_training(tmp_path):
     ldm.eval.metrics = ("adherance",)
     with pytest.raises(ConfigError, match="did you mean 'adherence'"):
         stage_metrics.ldm_callbacks(ldm, generate=None)
+
+
+def test_learned_schedule_update_follows_the_loss_second_moment():
+    """The learned schedule's update (VDM): one Adam step on the gradient of E[L^2] for the interior parameters,
+    none for the endpoints; the second moment falls after it."""
+    import optax
+
+    from ldm_jax import diffusion
+    from ldm_jax.ldm import build
+    from ldm_jax.training.ldm import learned_schedule_updates
+
+    dc = build.DiffusionConfig(schedule="learned", schedule_options=(("hidden", 8),), weighting="elbo")
+    t = jnp.linspace(0.05, 0.95, 16)
+
+    def per_example_loss(params, batch, rng, schedule, frozen):
+        return 1.0 + 0.05 * schedule.logsnr(t) ** 2 / (1.0 + t), t
+
+    def second_moment(p):
+        return jnp.mean(jnp.square(per_example_loss(None, None, None, diffusion.get_schedule("learned", params=p),
+                                                    None)[0]))
+
+    updates = learned_schedule_updates(dc, per_example_loss, lr=1e-3)
+    extra = updates["init_extra"](jax.random.key(0))
+    new, metrics = updates["update_extra"](extra, {}, {}, jax.random.key(1), 0, frozen=None)
+    grads = jax.grad(second_moment)(extra["params"])
+    assert all(float(jnp.abs(grads[k]).max()) > 0 for k in ("w1", "w2", "b2", "w3", "logsnr_min", "logsnr_max"))
+    grads = {k: jnp.zeros_like(g) if k in ("logsnr_min", "logsnr_max") else g for k, g in grads.items()}
+    tx = optax.adam(1e-3)
+    step, _ = tx.update(grads, tx.init(extra["params"]), extra["params"])
+    want = optax.apply_updates(extra["params"], step)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(new["params"][k]), np.asarray(want[k]), rtol=1e-6, atol=1e-9)
+    assert float(new["params"]["logsnr_min"]) == -10.0 and float(new["params"]["logsnr_max"]) == 10.0
+    assert metrics["schedule_loss_second_moment"] == pytest.approx(float(second_moment(extra["params"])), rel=1e-6)
+    assert float(second_moment(new["params"])) < float(second_moment(extra["params"]))
 
 
 def test_diffusion_section_truncates_continuous_schedules():

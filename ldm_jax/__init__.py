@@ -1,7 +1,12 @@
 """ldm_jax: latent diffusion in JAX/Flax.
 
+    from ldm_jax import LatentDiffusion        # the one model object and its one generate() (ldm_jax.ldm)
+    ldm = LatentDiffusion.from_pretrained("runs/demo/ldm")
+    images = ldm.generate(["a red circle in the top left"], seed=0, num_steps=20, guidance_scale=3.0)
+
 Subpackages are imported lazily so that ``import ldm_jax`` stays cheap:
-``from ldm_jax import diffusion, models``.
+``from ldm_jax import diffusion, models``. Layers, lowest first: types and images, diffusion, models, convert,
+data, ldm (the model layer), eval, training, sweeps, pipelines, commands (tests/test_layering.py).
 """
 
 import importlib

@@ -6,6 +6,9 @@ adherence, reconstruction metrics, and a training callback.
     feats = ev.fmnist_feature_fn()(images)                # FD-FMNIST features (committed weights)
     feats = ev.inception_feature_fn("pt_inception-2015-12-05-6726825d.pth")(images)   # FID features
     ev.prompt_adherence(images, prompts); ev.autoencoder_metrics(roundtrip, photos)
+    ev.inception_score(ev.inception_logits_fn("pt_inception-2015-12-05-6726825d.pth")(images))   # (mean, std)
+    ev.evaluate_generated("shapes", lambda prompts, seed: ldm.generate(prompts, seed=seed), num_samples=72)
+                                                          # the evaluation every command shares
     ev.EvalCallback(1000, {"fd": ev.frechet_metric(...)})
 
 Submodules load on first use (the shapes checker pulls in tensorflow_datasets, the Inception port is big).
@@ -18,7 +21,9 @@ _EXPORTS = {
                 "fid_from_features", "frechet_distance", "kernel_inception_distance", "mmd2_unbiased",
                 "precision_recall", "stats_distance"),
     "fmnist_net": ("FMNISTNet", "FMNISTNetConfig", "fmnist_feature_fn", "load_fashion_mnist"),
-    "inception": ("FIDInceptionV3", "inception_feature_fn"),
+    "inception": ("FIDInceptionV3", "inception_feature_fn", "inception_logits_fn"),
+    "inception_score": ("inception_score",),
+    "generated": ("evaluate_generated", "prompts_for"),
     "clip_score": ("CLIPScorer", "clip_score"),
     "adherence": ("adherence_prompts", "generate_and_score", "prompt_adherence"),
     "recon": ("autoencoder_metrics", "photo_crops", "psnr", "skimage_photos", "ssim"),

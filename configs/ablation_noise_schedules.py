@@ -28,7 +28,11 @@ and eps-prediction the first step cannot recover x0 (alpha = 0); the diffusion c
 such a run measures the failure Lin et al. 2023 predict rather than crashing.
 """
 
+import os
+
 from ldm_jax.configlib import load_config
+
+_HERE = os.path.dirname(os.path.abspath(__file__))  # the configs it builds on sit beside it, wherever it runs from
 
 _SCHEDULES = dict(schedule=("linear", "cosine", "sigmoid", "edm", "cosine", "cosine"),
                   shift=(1.0, 1.0, 1.0, 1.0, 2.0, 1.0),
@@ -59,11 +63,11 @@ def get_config(arg=None):
         raise ValueError(f"unknown variant '{arg}' of ablation_noise_schedules: use shapes, samplers, fashion_mnist "
                          "or tiny")
     if arg == "fashion_mnist":
-        c = load_config("configs/fashion_mnist.py:ldm")
-        ae = "configs/fashion_mnist.py:autoencoder"
+        c = load_config(os.path.join(_HERE, "fashion_mnist.py:ldm"))
+        ae = os.path.join(_HERE, "fashion_mnist.py:autoencoder")
     else:
-        c = load_config("configs/shapes_ldm.py" + (":tiny" if arg == "tiny" else ""))
-        ae = "configs/shapes_autoencoder.py" + (":tiny" if arg == "tiny" else "")
+        c = load_config(os.path.join(_HERE, "shapes_ldm.py") + (":tiny" if arg == "tiny" else ""))
+        ae = os.path.join(_HERE, "shapes_autoencoder.py") + (":tiny" if arg == "tiny" else "")
     c.model.vae.workdir = ""  # the sweep trains one shared autoencoder from sweep.autoencoder
     c.sample.every_steps = 0
     c.train.num_steps = {"tiny": 2, "shapes": 800, "samplers": 800}.get(arg, 1200)

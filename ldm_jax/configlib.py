@@ -16,19 +16,51 @@ import ml_collections
 
 from ldm_jax.types import ConfigError, nearest
 
+_LOADING: list[str] = []  # folders of the config files being loaded (innermost last)
+
+
+def _resolve(path: str) -> str:
+    """A config path as written: absolute, relative to the config file that loads it (a config that includes
+    another resolves it relative to itself), else relative to the working directory."""
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path) and _LOADING:
+        beside = os.path.join(_LOADING[-1], path)
+        if os.path.isfile(beside):
+            return beside
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError at line {e.lineno}: {e.msg}"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``path.py[:arg]`` and returns ``get_config(arg)``."""
+    """Loads ``path.py[:arg]`` and returns ``get_config(arg)``; any failure is a one-line ConfigError."""
     path, _, arg = spec.partition(":")
+    path = _resolve(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found: pass --config=configs/<name>.py[:variant]")
     name = "ldm_jax_user_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file '{path}' defines no get_config(arg=None)")
-    return module.get_config(arg or None) if arg else module.get_config()
+    _LOADING.append(os.path.dirname(os.path.abspath(path)))
+    try:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file '{path}' defines no get_config(arg=None)")
+        config = module.get_config(arg or None) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's file: its error becomes one line naming it
+        raise ConfigError(f"config '{spec}' could not be loaded ({_one_line(e)})") from None
+    finally:
+        _LOADING.pop()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config '{spec}': get_config returned {type(config).__name__}, not a ConfigDict")
+    return config
 
 
 def all_keys(cfg, prefix: str = "") -> list[str]:
@@ -43,7 +75,8 @@ def all_keys(cfg, prefix: str = "") -> list[str]:
 
 
 def _lookup(cfg, dotted: str):
-    node = cfg
+    """(value, declared type) of a dotted key (the type of a None placeholder field is its declared one)."""
+    node, parent = cfg, None
     walked = []
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -54,14 +87,24 @@ def _lookup(cfg, dotted: str):
             hint = hint.replace("mean '", "mean 'config.")
             raise ConfigError(f"unknown config key 'config.{dotted}'{hint}")
         walked.append(part)
-        node = node[part]
-    return node
+        parent, node = node, node[part]
+    kind = None
+    if node is None and parent is not None:
+        try:
+            kind = parent.get_type(walked[-1])
+        except (AttributeError, KeyError, TypeError):
+            kind = None
+    return node, kind
 
 
-def _check_type(key: str, current, raw: str) -> None:
+def _check_type(key: str, current, raw: str, declared=None) -> None:
+    shown = current
+
     def fail(kind):
-        raise ConfigError(f"--config.{key}={raw!r}: expected {kind} (current value {current!r})")
+        raise ConfigError(f"--config.{key}={raw!r}: expected {kind} (current value {shown!r})")
 
+    if current is None and declared in (int, float, bool):
+        current = declared()
     if current is None or isinstance(current, str):
         return
     if isinstance(current, bool):
@@ -118,7 +161,8 @@ def check_overrides(argv: list[str]) -> None:
         return
     cfg = load_config(spec)
     for key, raw in overrides:
-        _check_type(key, _lookup(cfg, key), raw)
+        value, declared = _lookup(cfg, key)
+        _check_type(key, value, raw, declared)
 
 
 
@@ -148,8 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
     # logsnr_min / logsnr_max truncate a continuous schedule (cosine, sigmoid, ... reach logSNR = -inf at t = 1).
     # diffusion: ldm_jax.ldm.build.DiffusionConfig (every schedule, prediction, weighting and noise sampler of the
     # diffusion core, with their options as dicts, and EDM preconditioning).
-    c.diffusion = dict(schedule="cosine", schedule_options={}, shift=1.0, zero_snr=False, logsnr_min=None,
-                       logsnr_max=None, prediction="eps", weighting="uniform", weighting_options={}, min_snr_gamma=5.0,
+    # (None placeholders typed float, so that --config.diffusion.logsnr_min=-10 works on the command line)
+    c.diffusion = dict(schedule="cosine", schedule_options={}, shift=1.0, zero_snr=False,
+                       logsnr_min=ml_collections.config_dict.placeholder(float),
+                       logsnr_max=ml_collections.config_dict.placeholder(float), prediction="eps",
+                       weighting="uniform", weighting_options={}, min_snr_gamma=5.0,
                        noise_sampling="uniform", noise_sampling_options={}, precondition="none", sigma_data=0.5)
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                        warmup_steps=100, decay="cosine", grad_clip=1.0)

@@ -1,4 +1,4 @@
-"""Shared type aliases and the ConfigDict -> frozen dataclass boundary helper.
+"""Shared type aliases, the ConfigDict -> frozen dataclass boundary helper and the one UTF-8 text reader.
 
 Imports nothing from the package; every layer (``diffusion/`` included) may import it.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -24,6 +25,27 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is missing, misspelled or of the wrong type (one-line message)."""
+
+
+def read_utf8(path, what: str) -> str:
+    """The text of the file at `path` (UTF-8, a leading byte-order mark dropped; line ends as stored).
+
+    A missing or unreadable file, or one that is not UTF-8, raises a one-line ConfigError naming `what` (e.g.
+    "captions file"), the path and the fix.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}): "
+                          "save it as UTF-8") from None
 
 
 def nearest(name: str, choices) -> str:

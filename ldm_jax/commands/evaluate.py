@@ -34,9 +34,10 @@ import types
 from absl import flags
 
 from ldm_jax import images as imlib
-from ldm_jax.commands._app import fail, start
+from ldm_jax.commands._app import check_output_file, check_workdir_exists, check_writable_folder, fail, start
 from ldm_jax.eval.generated import DATASETS, evaluate_generated
 from ldm_jax.ldm import LatentDiffusion, SampleConfig
+from ldm_jax.types import read_utf8
 
 FEATURES = ("fmnist", "inception", "clip")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A trained stage's workdir (latent diffusion or autoencoder).")
@@ -77,7 +78,6 @@ def read_folder(path: str):
     A prompt is the PNG's 'prompt' text chunk (None when absent). `ldm-jax sample`'s grid.png is skipped.
     """
     import numpy as np
-    from PIL import Image
 
     if not os.path.isdir(path):
         fail(f"'{path}' is not a folder of images")
@@ -87,11 +87,11 @@ def read_folder(path: str):
     images, prompts = [], []
     for n in names:
         try:
-            with Image.open(os.path.join(path, n)) as im:
-                prompts.append(getattr(im, "text", {}).get("prompt"))
-                images.append(np.asarray(im.convert("RGB")))
-        except OSError as e:
-            fail(f"cannot read image '{os.path.join(path, n)}': {e}")
+            image, text = imlib.read_image(os.path.join(path, n))
+        except _USER_ERRORS as e:
+            fail(str(e))
+        images.append(image)
+        prompts.append(text.get("prompt"))
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         fail(f"images in '{path}' have several sizes {sorted(sizes)}; resize them to one size first")
@@ -193,9 +193,8 @@ def folder_prompts(prompts: list, count: int) -> list[str]:
     """--prompts lines, else the PNG prompts read with the images (all must be present)."""
     if _PROMPTS.value:
         try:
-            with open(_PROMPTS.value, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
+            prompts = [line for line in read_utf8(_PROMPTS.value, "prompts file").splitlines() if line.strip()]
+        except _USER_ERRORS as e:
             fail(f"--prompts: {e}")
         if len(prompts) != count:
             fail(f"--prompts={_PROMPTS.value} has {len(prompts)} lines for {count} images; give one per image")
@@ -307,6 +306,7 @@ def check_output_folder(path: str) -> None:
         fail(f"--save_images={path} is not empty; pass a new folder")
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"--save_images={path} is a file; pass a new folder")
+    check_writable_folder(path, "--save_images")  # before the images are generated
 
 
 def evaluate_autoencoder(workdir: str, config: dict) -> dict:
@@ -339,8 +339,7 @@ def evaluate_autoencoder(workdir: str, config: dict) -> dict:
 def evaluate_workdir(workdir: str) -> dict:
     from ldm_jax.ldm.workdirs import read_config
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        fail(f"'{workdir}' holds no checkpoints: train it first (ldm-jax train --workdir={workdir} ...)")
+    check_workdir_exists(workdir)
     config = read_config(workdir)
     stage = config.get("train", {}).get("stage")
     if stage == "ldm":
@@ -360,12 +359,18 @@ def main(argv):
 
         fail(f"unknown --features '{_FEATURES.value}'{nearest(_FEATURES.value, FEATURES)}; choose one of "
              f"{', '.join(FEATURES)}")
+    out = _OUT.value or (os.path.join(_WORKDIR.value, "eval.json") if _WORKDIR.value else "")
+    if _WORKDIR.value:
+        check_workdir_exists(_WORKDIR.value)
+    if out:
+        check_output_file(out, "--out")
+    if _SAVE.value:
+        check_output_folder(_SAVE.value)
     t0 = time.time()
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON (tfds prints while preparing)
         result = evaluate_workdir(_WORKDIR.value) if _WORKDIR.value else evaluate_folders()
     result["seconds"] = time.time() - t0
     text = json.dumps(result, indent=1, default=float)
-    out = _OUT.value or (os.path.join(_WORKDIR.value, "eval.json") if _WORKDIR.value else "")
     if out:
         with open(out, "w") as f:
             f.write(text)

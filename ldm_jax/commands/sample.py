@@ -20,11 +20,11 @@ from absl import flags
 
 from ldm_jax import diffusion
 from ldm_jax import images as imlib
-from ldm_jax.commands._app import fail, start
+from ldm_jax.commands._app import check_writable_folder, fail, start
 from ldm_jax.convert.common import ConversionError
 from ldm_jax.ldm import LatentDiffusion, SampleConfig, enable_compilation_cache
 from ldm_jax.ldm.loading import looks_like_model_id
-from ldm_jax.types import ConfigError
+from ldm_jax.types import ConfigError, read_utf8
 
 _MODEL = flags.DEFINE_string("model", None, "ldm_jax workdir, diffusers SD folder, .safetensors/.ckpt file or a "
                              "model id in the local Hugging Face cache.")
@@ -63,8 +63,8 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     if prompts_file:
         if not os.path.isfile(prompts_file):
             raise FileNotFoundError(f"prompts file '{prompts_file}' not found")
-        with open(prompts_file, encoding="utf-8") as f:
-            out += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        lines = read_utf8(prompts_file, "prompts file").splitlines()
+        out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not out:
         raise ConfigError("empty prompt list: pass --prompt=... or a --prompts_file with at least one line")
     return out
@@ -145,6 +145,7 @@ def check_outputs(out: str, count: int, seed: int, grid: bool) -> None:
         raise ConfigError(f"--out={out} already holds {taken[0]}" + (f" and {len(taken) - 1} more" if len(taken) > 1
                           else "") + " of this run's files; pass a new folder or another --seed (nothing is "
                           "overwritten)")
+    check_writable_folder(out, "--out")  # before the images are generated
 
 
 def write_outputs(out: str, images, prompts: list[str], negative: str, seed: int, per_prompt: int,

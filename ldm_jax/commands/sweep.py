@@ -53,6 +53,7 @@ def main(argv):
     try:
         if not _REPORT_ONLY.value:
             runs = expand(config)  # a bad spec fails here, before any training
+            stages.validate(config, runs)  # and so does a bad value in any run
             print(f"sweep: {len(runs)} runs -> {workdir}", flush=True)
             if _REUSE.value and not os.path.isdir(_REUSE.value):
                 fail(f"--reuse_from={_REUSE.value} is not a directory: give the workdir of a finished sweep")

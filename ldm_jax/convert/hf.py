@@ -7,9 +7,10 @@ Reads CLIPTextModel and BertModel folders (config.json + model.safetensors) with
 
 The reading direction lives in `ldm_jax.models.hf_text` (the models load their own pretrained weights) and
 is re-exported here; this module adds the writing direction (`save_clip_text`, `clip_text_state_dict`,
-`clip_text_config_to_hf`). Keys may carry the ``text_model.`` (CLIP) or ``bert.`` (BERT) prefix or not:
-transformers 5 saves CLIPTextModel without it, older exports and SD folders with it. Checking is strict:
-every missing, unexpected or mis-shaped tensor is listed in one ``ConversionError``.
+`clip_text_config_to_hf`; `save_bert`, `bert_state_dict`, `bert_config_to_hf`, which write what
+``transformers.BertModel`` / ``AutoModel`` load). Keys may carry the ``text_model.`` (CLIP) or ``bert.`` (BERT)
+prefix or not: transformers 5 saves CLIPTextModel without it, older exports and SD folders with it. Checking is
+strict: every missing, unexpected or mis-shaped tensor is listed in one ``ConversionError``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from ldm_jax.convert.common import ConversionError, check_tree, flatten, write_safetensors
 from ldm_jax.models.hf_text import (
+    _BERT_NAMES,
     _CLIP_NAMES,
     _LEAVES,
     _expected,
@@ -36,11 +38,13 @@ from ldm_jax.models.hf_text import (
     load_minilm,
     minilm_dir,
 )
-from ldm_jax.models.text import CLIPTextConfig, CLIPTextEncoder
+from ldm_jax.models.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextEncoder
 
 __all__ = [
     "bert_config_from_hf",
+    "bert_config_to_hf",
     "bert_params_from_state_dict",
+    "bert_state_dict",
     "clip_text_config_from_hf",
     "clip_text_config_to_hf",
     "clip_text_params_from_state_dict",
@@ -49,6 +53,7 @@ __all__ = [
     "load_clip_text",
     "load_minilm",
     "minilm_dir",
+    "save_bert",
     "save_clip_text",
 ]
 
@@ -111,3 +116,43 @@ def save_clip_text(path: str | os.PathLike, cfg: CLIPTextConfig, params: Mapping
     check_tree(_expected(CLIPTextEncoder(cfg)), flatten(params), "CLIP text encoder")
     (path / "config.json").write_text(json.dumps(clip_text_config_to_hf(cfg), indent=2))
     write_safetensors(path / "model.safetensors", clip_text_state_dict(params), metadata={"format": "pt"})
+
+
+def bert_config_to_hf(cfg: BertConfig) -> dict:
+    """BertConfig -> a config.json dict that transformers' BertModel (and AutoModel) loads."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "hidden_act": cfg.hidden_act,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "position_embedding_type": "absolute",
+        "pad_token_id": 0,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "dtype": "float32",
+    }
+
+
+def bert_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """BertEncoder params -> HF BertModel state dict (BertModel's names, no ``bert.`` prefix)."""
+    return _to_torch(params, _BERT_NAMES)
+
+
+def save_bert(path: str | os.PathLike, cfg: BertConfig, params: Mapping) -> None:
+    """Writes config.json + model.safetensors that ``transformers.BertModel.from_pretrained`` (and AutoModel)
+    loads; without a pooler in `cfg`, transformers initializes its unused pooler itself."""
+    import flax.linen as nn
+
+    params = nn.meta.unbox(params)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    check_tree(_expected(BertEncoder(cfg)), flatten(params), "BERT")
+    (path / "config.json").write_text(json.dumps(bert_config_to_hf(cfg), indent=2))
+    write_safetensors(path / "model.safetensors", bert_state_dict(params), metadata={"format": "pt"})

@@ -5,17 +5,19 @@ Captions come from, in order: the `captions` file given in the config; a ``metad
 ``file_name``/``file``/``image``/``path`` relative to the root, and a text column ``text``/``caption``/
 ``prompt``); else a sidecar ``.txt`` next to each image. Images without any caption get "".
 
-Every image is decoded and re-encoded as RGB PNG (transparency composited on white, optionally shrunk
-to ``max_side``). Files that cannot be decoded are skipped, counted and reported: a warning at build time
-and ``builder.info.metadata["skipped"]`` (a list of "path: reason"), which `builders.prepare` returns.
-The config name holds a digest of the folder listing (paths, sizes, mtimes), so changing the folder
-prepares a new version instead of silently reusing a stale one.
+Caption files must be UTF-8 (a one-line ConfigError names a file that is not). Every image is decoded by
+``ldm_jax.images.load_rgb`` (any mode Pillow reads: 16-bit, palette, CMYK, EXIF-rotated; transparency composited
+on white) and re-encoded as RGB PNG, optionally shrunk to ``max_side``. Files that cannot be decoded are
+skipped, counted and reported: a warning at build time and ``builder.info.metadata["skipped"]`` (a list of
+"path: reason"), which `builders.prepare` returns. The config name holds a digest of the folder listing (paths,
+sizes, mtimes), so changing the folder prepares a new version instead of silently reusing a stale one.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 import zlib
@@ -26,6 +28,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ldm_jax.data.common import DataError, OutsideTfdsMixin, encode_png, logger, options_digest
+from ldm_jax.images import load_rgb
+from ldm_jax.types import read_utf8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_FILES = ("metadata.jsonl", "captions.jsonl", "metadata.csv", "captions.csv")
@@ -57,15 +61,14 @@ def read_caption_file(path: Path) -> dict[str, str]:
     """{relative file name: caption} from a JSONL or CSV caption file."""
     if path.suffix.lower() == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path, "captions file").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(read_utf8(path, "captions file"), newline="")))
     else:
         raise DataError(f"caption file '{path}' must end in .jsonl or .csv")
     return {
@@ -88,7 +91,7 @@ def find_captions(root: Path, files: list[Path], captions: str | None) -> dict[s
     for f in files:
         sidecar = f.with_suffix(".txt")
         if sidecar.exists():
-            found[f.relative_to(root).as_posix()] = sidecar.read_text(encoding="utf-8").strip()
+            found[f.relative_to(root).as_posix()] = read_utf8(sidecar, "caption file").strip()
     return found
 
 
@@ -102,17 +105,15 @@ def folder_digest(root: Path, files: list[Path]) -> str:
     return options_digest(sorted(listing))
 
 
-def load_rgb(path: Path, max_side: int | None) -> np.ndarray:
-    """Decodes an image to uint8 RGB, compositing transparency on white; raises on unreadable files."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        image = image.convert("RGB")
-        if max_side and max(image.size) > max_side:
-            image.thumbnail((max_side, max_side), Image.LANCZOS)
-        return np.asarray(image)
+def folder_image(path: Path, max_side: int | None) -> np.ndarray:
+    """uint8 (H, W, 3) of an image file as `images.load_rgb` reads it (any mode, upright, transparency on white),
+    shrunk (Lanczos) so that its longer side is at most `max_side`; ConfigError on unreadable files."""
+    image = load_rgb(path)
+    if max_side and max(image.shape[:2]) > max_side:
+        pil = Image.fromarray(image)
+        pil.thumbnail((max_side, max_side), Image.LANCZOS)
+        image = np.asarray(pil)
+    return image
 
 
 @dataclasses.dataclass(eq=False)
@@ -173,7 +174,7 @@ class ImageFolderBuilder(OutsideTfdsMixin, tfds.core.GeneratorBasedBuilder, skip
         skipped = self.info.metadata["skipped"]
         for path, rel in items:
             try:
-                image = load_rgb(path, self.builder_config.max_side)
+                image = folder_image(path, self.builder_config.max_side)
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable": skip and report
                 skipped.append(f"{rel}: {type(e).__name__}: {e}")
                 logger.warning("image_folder: skipping unreadable image %s (%s)", path, e)

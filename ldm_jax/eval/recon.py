@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import images as imlib
 from ldm_jax.eval.frechet import FeatureFn, FeatureStats, stats_distance, to_unit_range
 from ldm_jax.types import Array
 
@@ -78,9 +79,7 @@ def _photo(name: str) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, resolution: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.Resampling.LANCZOS))
+    return imlib.resize(image[None], resolution, resolution)[0]
 
 
 def skimage_photos(resolution: int = 256, names=PHOTOS) -> np.ndarray:

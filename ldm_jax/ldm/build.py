@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ldm_jax import diffusion
 from ldm_jax.convert import diffusers as dconv
-from ldm_jax.ldm.workdirs import read_config, restore_params
+from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models import presets
 from ldm_jax.models.text_encoder import TextEncoder
 from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
@@ -70,6 +70,10 @@ def frozen_vae(sec):
     if d.get("pretrained"):
         return dconv.load_vae(d["pretrained"])
     if d.get("workdir"):
+        if not is_workdir(d["workdir"]):
+            raise ConfigError(f"model.vae.workdir='{d['workdir']}' (the stage-1 autoencoder this model was trained "
+                              "with) is not there or has no checkpoints: copy or move it along, or set "
+                              "model.vae.workdir to where it is now")
         stage1 = read_config(d["workdir"])
         if stage1.get("train", {}).get("stage") != "autoencoder":
             raise ConfigError(f"model.vae.workdir='{d['workdir']}' is not an autoencoder (stage 1) workdir")

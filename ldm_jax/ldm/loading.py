@@ -6,7 +6,12 @@ from the places weights live. Each ``*_parts`` function returns the keyword argu
     (linear, scaled_linear, squaredcos_cap_v2) or trained_betas, beta_start/end, num_train_timesteps,
     rescale_betas_zero_snr, prediction_type (epsilon, v_prediction, sample), timestep_spacing, steps_offset,
     set_alpha_to_one (DDIM's last step), final_sigmas_type, use_karras_sigmas; clip_sample and thresholding
-    must be false. Keys a config omits take the defaults of the diffusers class it names.
+    must be false. Keys a config omits take the defaults of the diffusers class it names. A folder written by
+    ``ldm-jax convert`` (``ldm_jax.convert.pipeline_folder``) also carries "_ldm_jax" blocks, read first: in
+    scheduler_config.json the exact schedule (the run's diffusion section, a learned schedule's parameters),
+    prediction, preconditioning and time-grid defaults; in model_index.json the run's `sample` defaults, its
+    image size, the text encoder's options and the U-Net / VAE config fields diffusers has no key for. The text
+    encoder is a CLIPTextModel or (``model_type`` "bert") a BertModel with its WordPiece ``tokenizer.json``.
 (b) a CompVis single-file checkpoint (``.safetensors`` / ``.ckpt``): `single_file_parts`, through
     ``ldm_jax.convert.compvis``, with SD's scheduler (scaled_linear 0.00085..0.012, leading spacing, offset 1,
     DDIM to timestep 0) and OpenAI's CLIP tokenizer. SD 2.x files default to v-prediction (the 768-v models);
@@ -34,15 +39,17 @@ from ldm_jax import diffusion
 from ldm_jax.convert import compvis
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert.common import ConversionError, flatten
+from ldm_jax.convert.pipeline_folder import LDM_JAX
 from ldm_jax.ldm import build
 from ldm_jax.ldm.generate import SampleConfig
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params, restore_state_item
+from ldm_jax.models import hf_text
 from ldm_jax.models.layers import unbox
-from ldm_jax.models.text import CLIPTextEncoder
+from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
 from ldm_jax.models.text_encoder import TextEncoder
-from ldm_jax.models.tokenizers import EOS, CLIPTokenizer
+from ldm_jax.models.tokenizers import EOS, CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.models.unet import unet_param_shapes
-from ldm_jax.types import ConfigError
+from ldm_jax.types import ConfigError, _freeze
 
 logger = logging.getLogger("ldm_jax.ldm")
 
@@ -108,7 +115,11 @@ def _table(d: Mapping) -> diffusion.DiscreteSchedule:
 
 
 def scheduler_from_config(d: Mapping) -> tuple[diffusion.Schedule, str, SamplingDefaults]:
-    """A diffusers scheduler_config.json dict -> (schedule, prediction, sampling defaults)."""
+    """A diffusers scheduler_config.json dict -> (schedule, prediction, sampling defaults); its "_ldm_jax" block
+    first when it has one (`scheduler_parts`)."""
+    if d.get(LDM_JAX):
+        parts = scheduler_parts(d)
+        return parts["schedule"], parts["prediction"], parts["defaults"]
     for key in _UNSUPPORTED_TRUE:
         if d.get(key):
             raise ConfigError(f"scheduler config: {key}=true is not supported; set it to false (SD's configs do)")
@@ -134,6 +145,31 @@ def scheduler_from_config(d: Mapping) -> tuple[diffusion.Schedule, str, Sampling
     return schedule, PREDICTION_NAMES[pred], defaults
 
 
+def scheduler_parts(d: Mapping) -> dict:
+    """A scheduler_config.json dict -> the `LatentDiffusion` fields schedule, prediction, precondition, sigma_data
+    and defaults. Its "_ldm_jax" block (``ldm-jax convert``) wins: the run's diffusion section built as training
+    builds it (``build.diffusion_config``; a learned schedule from its saved parameters) and the saved time-grid
+    defaults. Without one, diffusers' fields (`scheduler_from_config`)."""
+    block = d.get(LDM_JAX)
+    if not block:
+        schedule, prediction, defaults = scheduler_from_config(d)
+        return dict(schedule=schedule, prediction=prediction, defaults=defaults)
+    if not isinstance(block, Mapping) or "diffusion" not in block:
+        raise ConfigError(f"scheduler config: the '{LDM_JAX}' block lacks its 'diffusion' section")
+    dif = build.diffusion_config(block["diffusion"])
+    params = block.get("schedule_params")
+    if dif.learned and params is None:
+        raise ConfigError(f"scheduler config: a learned schedule without '{LDM_JAX}.schedule_params'")
+    if params is not None:
+        params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    try:
+        defaults = SamplingDefaults(**(block.get("defaults") or {}))
+    except TypeError as e:
+        raise ConfigError(f"scheduler config: '{LDM_JAX}.defaults': {e}") from None
+    return dict(schedule=dif.make_schedule(params), prediction=dif.prediction, precondition=dif.precondition,
+                sigma_data=float(dif.sigma_data), defaults=defaults)
+
+
 SD_SCHEDULER = dict(_class_name="DDIMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                     num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
                     timestep_spacing="leading")
@@ -148,26 +184,60 @@ def _require(path: str, sub: str) -> str:
     return folder
 
 
+def _read_json(file: str) -> dict | None:
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def _block(index: Mapping, key: str) -> dict:
+    """model_index.json's "_ldm_jax" entry `key` (a dict; empty when absent), lists frozen to tuples."""
+    value = (index.get(LDM_JAX) or {}).get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"model_index.json: '{LDM_JAX}.{key}' must be a mapping, got {type(value).__name__}")
+    return {k: _freeze(v) for k, v in value.items()}
+
+
+def _folder_text_encoder(te_dir: str, tok_dir: str, options: Mapping, dtype) -> TextEncoder:
+    """text_encoder/ (CLIPTextModel, or BertModel by its model_type) with tokenizer/; `options` from
+    model_index.json (max_length, hidden_layer, use_attention_mask) win over the folders' own settings."""
+    tok = tok_dir if os.path.isdir(tok_dir) else None
+    if (_read_json(os.path.join(te_dir, "config.json")) or {}).get("model_type") != "bert":
+        te = TextEncoder.from_hf_clip(te_dir, tok, hidden_layer=options.get("hidden_layer") or None, dtype=dtype)
+        length = options.get("max_length")
+        if length and length != te.max_length:
+            te = dataclasses.replace(te, tokenizer=CLIPTokenizer(te.tokenizer.hf, length))
+        return te
+    if tok is None:
+        raise FileNotFoundError(f"'{os.path.dirname(te_dir)}' has a BERT text encoder but no tokenizer/ folder")
+    cfg, params = hf_text.load_bert(te_dir)
+    length = options.get("max_length") or (_read_json(os.path.join(tok, "tokenizer_config.json")) or {}).get(
+        "model_max_length", 512)
+    tokenizer = WordPieceTokenizer.from_file(tok, min(int(length), cfg.max_position_embeddings))
+    return TextEncoder(BertEncoder(cfg, dtype=dtype), jax.tree.map(jnp.asarray, params), tokenizer,
+                       use_attention_mask=bool(options.get("use_attention_mask", True)))
+
+
 def diffusers_parts(path: str | os.PathLike, *, dtype=None, variant: str | None = None) -> dict:
-    """A diffusers StableDiffusionPipeline folder (see the module docstring)."""
+    """A diffusers StableDiffusionPipeline folder, or one ``ldm-jax convert`` wrote (see the module docstring)."""
     path = os.fspath(path)
     unet_dir, vae_dir, te_dir = (_require(path, s) for s in SD_FOLDERS)
-    sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
-    if os.path.isfile(sched_file):
-        with open(sched_file) as f:
-            sched = json.load(f)
-    else:
+    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    if sched is None:
         logger.warning("%s has no scheduler/scheduler_config.json; using SD's scaled_linear DDIM settings", path)
         sched = SD_SCHEDULER
-    schedule, prediction, defaults = scheduler_from_config(sched)
-    unet_cfg, unet_params = dconv.load_unet(unet_dir, variant=variant)
-    vae_cfg, vae_params = dconv.load_vae(vae_dir, variant=variant)
-    tok_dir = os.path.join(path, "tokenizer")
-    te = TextEncoder.from_hf_clip(te_dir, tok_dir if os.path.isdir(tok_dir) else None,
-                                  dtype=dtype or jnp.float32)
+    index = _read_json(os.path.join(path, "model_index.json")) or {}
+    unet_cfg, unet_params = dconv.load_unet(unet_dir, variant=variant, **_block(index, "unet"))
+    vae_cfg, vae_params = dconv.load_vae(vae_dir, variant=variant, **_block(index, "vae"))
+    te = _folder_text_encoder(te_dir, os.path.join(path, "tokenizer"), _block(index, "text_encoder"),
+                              dtype or jnp.float32)
+    extra = index.get(LDM_JAX) or {}
+    sample = SampleConfig.from_config(extra["sample"]) if extra.get("sample") else None
+    size = extra.get("default_size")
     return dict(unet_config=unet_cfg, unet_params=_device(unet_params), vae_config=vae_cfg,
-                vae_params=_device(vae_params), text_encoder=te, schedule=schedule, prediction=prediction,
-                defaults=defaults, source=path, dtype=dtype)
+                vae_params=_device(vae_params), text_encoder=te, **scheduler_parts(sched), source=path, dtype=dtype,
+                default_size=int(size) if size else None, sample=sample)
 
 
 # ---------------------------------------------------------------------------- (b) single files

@@ -66,7 +66,7 @@ def eval_points(eval_spec) -> list[tuple[str, int]]:
 
 # config fields that do not change what a run trains: paths (each sweep has its own) and evaluation settings
 _NOT_TRAINING = ("sweep", "eval", "sample", "checkpoint", "logging", "data.data_dir", "data.latent_cache",
-                 "model.vae.workdir")
+                 "model.vae.workdir", "_origin")
 
 
 def _training_view(config: dict) -> dict:

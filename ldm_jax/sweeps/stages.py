@@ -46,6 +46,31 @@ def _check_finished(state, config, what: str) -> None:
                           "recorded for it: rerun the same command to resume")
 
 
+def validate(config, runs) -> None:
+    """Every run of the sweep checked before anything trains (one-line ConfigError naming the run): each
+    expanded config's numbers and typed sections (training's preflight), the shared autoencoder's config, and
+    the evaluation's samplers. Paths made later by the sweep itself (the shared autoencoder) are not checked."""
+    from ldm_jax.diffusion import sampler_spec
+    from ldm_jax.sweeps.runner import eval_points
+    from ldm_jax.training.preflight import check_numbers, check_sections
+
+    spec = str(config.sweep.get("autoencoder", "") or "")
+    if spec:
+        ae = load_config(spec)
+        check_numbers(ae)
+        check_sections(ae)
+    for run_ in runs:
+        try:
+            check_numbers(run_.config)
+            check_sections(run_.config)
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {run_.name}: {e}") from None
+    for sampler, nfe in eval_points(config.sweep.get("eval", {}) or {}):
+        sampler_spec(sampler)
+        if nfe < 1:
+            raise ConfigError(f"sweep.eval: NFE {nfe} of sampler {sampler} must be >= 1")
+
+
 def prepare(config, workdir: str, reuse_from: str | None = None):
     """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data.
     With `reuse_from` (another sweep's directory) that sweep's data and finished autoencoder are used instead,

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ldm_jax.training.task import STAGES
 from ldm_jax.types import ConfigError, nearest
-
-STAGES = ("autoencoder", "ldm", "toy")
 
 
 def make_stage(config, workdir: str):
@@ -62,9 +61,11 @@ def run(config, workdir: str, *, coordinator_address: str | None = None, num_pro
     (`sharding.maybe_initialize_distributed`).
     """
     from ldm_jax.training.loop import train
+    from ldm_jax.training.preflight import preflight
     from ldm_jax.training.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed(coordinator_address, num_processes, process_id, local_device_ids)
+    preflight(config, workdir)  # the whole config, referenced files, the workdir: before any work
     task, callbacks = make_stage(config, workdir)
     return train(config, workdir, task, callbacks=callbacks)
 

@@ -10,9 +10,14 @@ Each step directory holds three items:
 Saves are asynchronous (the step loop goes on while arrays are written) and atomic (Orbax writes to a
 temporary directory and renames it when complete), so a killed run leaves either a whole checkpoint or
 none. Retention: the newest ``keep`` checkpoints, plus every one whose step is a multiple of ``keep_every``
-(0: none). A checkpoint whose parameters are not finite is never written. ``restore_latest`` walks from the
-newest step down: a step that fails to restore (truncated or missing files) is moved to
-``workdir/checkpoints_corrupt/`` with a warning and the previous one is tried.
+(0: none). A checkpoint whose parameters are not finite is never written.
+
+``restore_latest`` walks from the newest step down and tells two failures apart:
+
+* unreadable as files (metadata missing or unparsable, truncated or missing arrays): the step is moved to
+  ``workdir/checkpoints_corrupt/`` with one warning and the previous one is tried;
+* readable but of another run (other parameter names, shapes or dtypes than the run's state):
+  ``CheckpointMismatch`` (a ``ConfigError``) naming the first difference; nothing is moved or changed.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 from orbax.checkpoint.handlers import DefaultCheckpointHandlerRegistry, JsonCheckpointHandler
 
+from ldm_jax.ldm.workdirs import quiet_orbax
 from ldm_jax.training.optim import tree_all_finite
-from ldm_jax.types import PyTree
+from ldm_jax.types import ConfigError, PyTree
 
 logger = logging.getLogger("ldm_jax.training")
 
@@ -72,6 +78,58 @@ def _is_finite(tree: PyTree) -> bool:
                    if jnp.issubdtype(x.dtype, jnp.floating))
     flag = jax.jit(tree_all_finite)(tree)
     return bool(flag.addressable_data(0))
+
+
+class SaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, folder removed or read-only): the run stops at once."""
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint that belongs to another run (other model or state layout)."""
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def _leaf_specs(tree) -> dict[str, tuple]:
+    """{"params/conv_in/kernel": (shape, dtype name)} of a state tree or of Orbax's metadata tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            continue
+        out[_path_str(path)] = (tuple(shape), np.dtype(leaf.dtype).name if getattr(leaf, "dtype", None) else "")
+    return out
+
+
+def state_difference(saved_metadata, abstract_state) -> str | None:
+    """The first difference between a checkpoint's state metadata and the run's abstract state, or None.
+
+    Parameters (and EMA parameters) are compared by name, shape and dtype; the rest of the state (optimizer
+    moments, the stage's extra state) by the sorted list of shapes, which does not depend on how containers are
+    named in the file."""
+    saved = _leaf_specs(saved_metadata)
+    want = _leaf_specs(abstract_state)
+    for top in ("params", "ema_params"):
+        a = {k: v for k, v in saved.items() if k.split("/", 1)[0] == top}
+        b = {k: v for k, v in want.items() if k.split("/", 1)[0] == top}
+        for key in sorted(set(a) | set(b)):
+            if key not in a:
+                return f"{key} {b[key][0]} is not in the checkpoint ({len(a)} arrays there, {len(b)} here)"
+            if key not in b:
+                return f"the checkpoint has {key} {a[key][0]}, which this run's model lacks"
+            if a[key] != b[key]:
+                return f"{key} is {a[key][0]} {a[key][1]} in the checkpoint and {b[key][0]} {b[key][1]} here"
+    rest_a = sorted(v for k, v in saved.items() if k.split("/", 1)[0] not in ("params", "ema_params"))
+    rest_b = sorted(v for k, v in want.items() if k.split("/", 1)[0] not in ("params", "ema_params"))
+    if rest_a != rest_b:
+        return (f"the optimizer/extra state differs ({len(rest_a)} arrays in the checkpoint, {len(rest_b)} here; "
+                f"first other shape: {next((x for x, y in zip(rest_a, rest_b) if x != y), None)})")
+    return None
 
 
 class Checkpointer:
@@ -119,17 +177,43 @@ class Checkpointer:
             logger.warning("step %d: parameters are not finite; NOT checkpointing (newest good checkpoint: %s)",
                            step, self.latest_step())
             return False
+        self.check_for_errors()  # an earlier asynchronous save that failed is reported as itself
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(encode_data_state(data_state)),
                                   config=ocp.args.JsonSave(config or {}))
-        return bool(self.manager.save(step, args=args, force=True))
+        try:
+            return bool(self.manager.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 - a full disk, a removed or read-only folder
+            raise SaveError(self._save_failed(step, e)) from None
+
+    def _save_failed(self, step: int | None, e: BaseException) -> str:
+        done = [s for s in self.all_steps() if s != step]
+        which = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        return (f"saving {which} under {self.directory} failed ({_short(e, 120)}): training stopped; the newest "
+                f"complete checkpoint is step {done[-1] if done else 'none'}; fix the cause (e.g. free disk space) "
+                "and rerun the same command to resume")
+
+    def check_for_errors(self) -> None:
+        """Raises SaveError when an asynchronous save has failed (checked after every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise SaveError(self._save_failed(None, e)) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise SaveError(self._save_failed(None, e)) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the save error (if any) was raised by wait()
+                pass
 
     # ----------------------------------------------------------------------------------------- restoring
     def _read_data_state(self, step: int) -> Any:
@@ -151,21 +235,48 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, Any]:
         """(state, data-iterator state) of `step`; `abstract_state` carries the target shardings."""
         data_state = self._read_data_state(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        with quiet_orbax():
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
         return restored.state, data_state
 
+    def state_metadata(self, step: int):
+        """Orbax's metadata tree of a step's state (raises when it cannot be read)."""
+        with quiet_orbax(), ocp.StandardCheckpointer() as reader:
+            metadata = reader.metadata(os.path.join(self.directory, str(step), "state"))
+        tree = getattr(metadata, "item_metadata", metadata)
+        return getattr(tree, "tree", tree)
+
     def restore_latest(self, abstract_state: PyTree) -> tuple[int, PyTree, Any] | None:
-        """Newest restorable (step, state, data state), falling back past unreadable steps; None if none."""
+        """Newest restorable (step, state, data state), falling back past unreadable steps; None if none.
+
+        Raises CheckpointMismatch (touching nothing) when a readable step does not match `abstract_state`."""
         for step in reversed(self.all_steps()):
+            where = os.path.join(self.directory, str(step))
+            try:
+                metadata = self.state_metadata(step)
+                if not isinstance(metadata, dict) or not _leaf_specs(metadata.get("params")):
+                    raise ValueError("its metadata lists no parameters")
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+                self._set_aside(step, where, e)
+                continue
+            difference = state_difference(metadata, abstract_state)
+            if difference is not None:
+                raise CheckpointMismatch(f"checkpoint {where} belongs to another run: {difference}. Nothing was "
+                                         "changed: resume with the config it was trained with, or pass another "
+                                         "--workdir")
             try:
                 state, data_state = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
-                logger.warning("checkpoint %s is unreadable (%s); moving it aside and falling back to the "
-                               "previous checkpoint", os.path.join(self.directory, str(step)), _short(e))
-                self._quarantine(step)
+            except Exception as e:  # noqa: BLE001 - matching layout but unreadable arrays: damaged files
+                self._set_aside(step, where, e)
                 continue
             return step, state, data_state
         return None
+
+    def _set_aside(self, step: int, where: str, error: BaseException) -> None:
+        logger.warning("checkpoint %s is damaged (%s); moved to %s_corrupt/ and falling back to the previous "
+                       "checkpoint", where, _short(error, 120), self.directory)
+        self._quarantine(step)
 
     def _quarantine(self, step: int) -> None:
         """Moves a bad step directory to ``<directory>_corrupt/`` (so a later save of that step can succeed)."""

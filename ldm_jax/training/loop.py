@@ -10,6 +10,9 @@
   checkpoint is the last good state), with ``"skip"`` it warns and goes on.
 * Logging (process 0): ``MetricWriter`` scalars every ``train.log_every_steps`` (means over the interval of
   loss, grad_norm, lr, the task's metrics, plus images_per_s and step_time_s) and a tqdm progress bar.
+* A step's checkpoint is written before its callbacks run, so a failing callback never costs it; a failed save
+  (full disk, folder removed) raises ``SaveError`` at the next step; a checkpoint refused because the
+  parameters are not finite raises ``NonFiniteError``.
 * Callbacks: small callables ``(step, state) -> mapping or None`` run after every step (wrap them in
   ``every(n, fn)``); scalars in the returned mapping are logged, (H, W, 3) uint8 arrays written as images.
   Sample grids and evaluation plug in here.
@@ -33,6 +36,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
+from ldm_jax.ldm.workdirs import portable_config
 from ldm_jax.training import sharding as shd
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.optim import OptimizerConfig, make_optimizer
@@ -147,8 +151,8 @@ class _Meter:
                    f"grad_norm={values['grad_norm']})"
             if self.on_nonfinite == "halt":
                 raise NonFiniteError(f"{what}: halting (train.on_nonfinite='halt'); newest checkpoint is step "
-                                     f"{self.checkpointer.latest_step()}; set train.on_nonfinite='skip' to skip "
-                                     "such steps instead")
+                                     f"{self.checkpointer.latest_step()}; lower optimizer.lr, or set "
+                                     "train.on_nonfinite='skip' to skip such steps (their updates are dropped)")
             logger.warning("%s: update skipped (train.on_nonfinite='skip')", what)
             return
         for k, v in values.items():
@@ -287,7 +291,7 @@ def train(config, workdir: str, task: Task, callbacks: Sequence[Callback] = ()) 
         step_fn = compile_train_step(make_train_step(task, tx, schedule, step_cfg), state, jax.tree.map(
             lambda x: x.sharding, state), _global_abstract(first, mesh), frozen, mesh, rules)
         writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-        loop = _Loop(lc, ckpt, writer, _config_json(config), task.batch_size)
+        loop = _Loop(lc, ckpt, writer, portable_config(_config_json(config), workdir), task.batch_size)
         return loop.run(step_fn, state, first, iterator, frozen, mesh, start, callbacks)
     finally:
         ckpt.close()
@@ -319,11 +323,13 @@ class _Loop:
                     if final or (lc.log_every_steps > 0 and step % lc.log_every_steps == 0):
                         meter.flush()
                         clock, last_logged = self._log(meter, step, clock, last_logged, bar), step
-                    _run_callbacks(callbacks, step, state, self.writer)
                     stopping = stop.requested()
                     if final or stopping or (lc.checkpoint_every > 0 and step % lc.checkpoint_every == 0):
                         meter.flush()
-                        self.ckpt.save(step, state, iterator.get_state(), self.config_json)
+                        self._save(step, state, iterator)
+                    self.ckpt.check_for_errors()  # a failed asynchronous save stops the run at once
+                    # after the save: a failing callback (grid, metric) never costs this step's checkpoint
+                    _run_callbacks(callbacks, step, state, self.writer)
                     if stopping:
                         logger.warning("stopped by signal after step %d; checkpoint saved", step)
                         break
@@ -331,6 +337,14 @@ class _Loop:
         finally:
             bar.close()
         return state
+
+    def _save(self, step: int, state, iterator) -> None:
+        if self.ckpt.save(step, state, iterator.get_state(), self.config_json):
+            return
+        if step not in self.ckpt.all_steps():  # refused: parameters that are not finite
+            raise NonFiniteError(f"the parameters are not finite at step {step}, so no checkpoint was written; "
+                                 f"the newest good checkpoint is step {self.ckpt.latest_step()}; lower "
+                                 "optimizer.lr (or raise optimizer.warmup_steps) and rerun to resume from it")
 
     def _log(self, meter: _Meter, step: int, clock: float, last_logged: int, bar) -> float:
         now = time.perf_counter()

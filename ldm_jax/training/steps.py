@@ -8,8 +8,8 @@
    no data moves) and a ``lax.scan`` averages their losses, metrics and gradients, which equals one pass
    over the whole batch for a per-example mean loss;
 3. g = ||grad||_2 (global norm, before clipping); AdamW update; EMA update; optional ``task.update_extra``;
-4. if the loss or g is not finite, the new params / opt state / EMA / extra are discarded (``state`` moves
-   on only in ``step`` and ``nonfinite_count``) and ``metrics["finite"]`` is 0; the loop then halts or
+4. if the loss, g or the update's norm is not finite, the new params / opt state / EMA / extra are discarded
+   (``state`` moves on only in ``step`` and ``nonfinite_count``) and ``metrics["finite"]`` is 0; the loop then halts or
    goes on according to ``train.on_nonfinite``.
 
 The step has no Python branch on data: it is traced once, compiled once (``compile_train_step``) and the
@@ -105,6 +105,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: Call
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        ok = ok & jnp.isfinite(optax.global_norm(updates))  # e.g. a learning rate that overflows
         params = optax.apply_updates(state.params, updates)
         ema = optim.ema_update(state.ema_params, params, state.num_updates, cfg.ema)
         extra, extra_metrics = state.extra, {}

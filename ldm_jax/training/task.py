@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from ldm_jax.types import Array, PRNGKey, PyTree
 
+STAGES = ("autoencoder", "ldm", "toy")  # the values of config.train.stage
+
 
 class DataIterator(Protocol):
     """A checkpointable iterator of this process's batches (a grain ``DatasetIterator`` is one).

@@ -123,3 +123,30 @@ def test_minilm_loads_from_installed_package():
     assert params["word_embeddings"]["embedding"].shape == (30522, 384)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf.load_bert(hf.minilm_dir() / "1_Pooling")
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_bert_export_loads_in_transformers(tmp_path, pooler):
+    """save_bert writes what transformers' AutoModel reads back: the same tensors, the same hidden states."""
+    torch.manual_seed(1)
+    cfg_hf = transformers.BertConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=10)
+    model = transformers.BertModel(cfg_hf, add_pooling_layer=pooler).eval()
+    model.save_pretrained(tmp_path / "in")
+    cfg, params = hf.load_bert(tmp_path / "in")
+    assert cfg.add_pooler == pooler
+    hf.save_bert(tmp_path / "out", cfg, params)
+    assert hf.bert_config_from_hf(hf.bert_config_to_hf(cfg), add_pooler=pooler) == cfg
+    again = transformers.AutoModel.from_pretrained(str(tmp_path / "out"), add_pooling_layer=pooler).eval()
+    assert type(again).__name__ == "BertModel"
+    want, got = model.state_dict(), again.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    ids = torch.tensor([[1, 7, 9, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state.numpy()
+    ours = text.BertEncoder(cfg).apply({"params": params}, jnp.asarray(ids.numpy(), jnp.int32),
+                                       jnp.asarray(mask.numpy(), jnp.int32))
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)

@@ -83,7 +83,7 @@ def test_corrupt_newest_checkpoint_resumes_from_previous_and_matches(reference, 
     cfg = toy_cases.config()
     with caplog.at_level(logging.WARNING, logger="ldm_jax.training"):
         state = train(cfg, workdir, toy.make_task(cfg))
-    assert "unreadable" in caplog.text and "resumed from checkpoint step 12" in caplog.text
+    assert "is damaged" in caplog.text and "resumed from checkpoint step 12" in caplog.text
     _assert_trees_equal(jax.device_get(state.params), reference[1])
     assert _steps(workdir) == [8, 12, 16]
 

@@ -154,6 +154,9 @@ CASES = [
     ("override-not-int", (*TRAIN_AE, "--workdir=w", "--config.train.num_steps=ten"), 2, "an integer"),
     ("override-section", (*TRAIN_AE, "--workdir=w", "--config.train=3"), 2, "section"),
     ("override-none-field-text", (*TRAIN_LDM, "--workdir=w", "--config.diffusion.logsnr_min=low"), 2, "a number"),
+    ("override-none-field-number", ("train", f"--config={LDM_CFG}:tiny", "--workdir=w",
+                                    "--config.diffusion.logsnr_min=-10", "--config.model.vae.workdir=gone"), 2,
+     "model.vae.workdir='gone'"),  # the typed None field took -10; the next check is the one that fails
     ("unknown-flag", (*TRAIN_AE, "--workdir=w", "--bogus=1"), 2, "bogus"),
     ("positional-argument", (*TRAIN_AE, "--workdir=w", "extra"), 2, "unexpected arguments"),
     # -- train: values (every number finite and in range, every name known)
@@ -352,3 +355,23 @@ def test_non_finite_training_halts_in_one_line_or_skips(cli, world, tmp_path):
     assert "newest checkpoint is step 2" in lines[-1]
     rc, _, err = cli.run(*argv, f"--workdir={tmp_path / 'skip'}", "--config.train.on_nonfinite=skip", cwd=tmp_path)
     assert rc == 0 and "update skipped" in err, err[-2000:]
+
+
+def test_workdirs_moved_together_still_sample_the_same_images(cli, world, tmp_path):
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copytree(world.root / "ae", moved / "ae")
+    shutil.copytree(world.root / "ldm", moved / "ldm")
+    argv = ("sample", "--prompt=a red circle", "--num_steps=2", "--grid=false")
+    rc, _, err = cli.run(*argv, "--model=ldm", f"--out={tmp_path / 'here'}", cwd=world.root)
+    assert rc == 0, err[-2000:]
+    os.rename(world.root / "ae", world.root / "ae_hidden")  # the original autoencoder is gone
+    try:
+        rc, _, err = cli.run(*argv, "--model=ldm", f"--out={tmp_path / 'missing'}", cwd=world.root)
+        assert rc == 2 and "model.vae.workdir" in error_lines(err)[-1], err[-2000:]
+        rc, _, err = cli.run(*argv, f"--model={moved / 'ldm'}", f"--out={tmp_path / 'moved'}", cwd=tmp_path)
+        assert rc == 0, err[-2000:]
+    finally:
+        os.rename(world.root / "ae_hidden", world.root / "ae")
+    here, there = (np.asarray(Image.open(tmp_path / d / "0000-seed0.png")) for d in ("here", "moved"))
+    np.testing.assert_array_equal(here, there)  # the pixels (the PNG's text names the model path it came from)

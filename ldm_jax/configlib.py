@@ -202,7 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
                        warmup_steps=100, decay="cosine", grad_clip=1.0)
     c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,
                    ema=dict(decay=0.999, warmup_steps=100), dtype="float32", remat=False,
-                   on_nonfinite="halt")
+                   on_nonfinite="halt", stop_at_step=0)
     c.checkpoint = dict(every_steps=500, keep=3, keep_every=0)
     # sample: ldm_jax.ldm.SampleConfig (training grids; the default settings of evaluation and the CLI).
     c.sample = dict(every_steps=0, prompts=("a red circle in the top left",), negative_prompt="", sampler="ddim",

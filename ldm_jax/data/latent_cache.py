@@ -19,11 +19,12 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import grain
 import numpy as np
 
 from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_records import _FORMAT_VERSION, MANIFEST, RECORDS, UNCOND, LatentCache, encode_record
-from ldm_jax.data.pipeline import DataConfig, make_iterator
+from ldm_jax.data.pipeline import DataConfig, collate, global_dataset
 
 _RESERVED = ("latent_mean", "latent_std", "caption", "index")
 # Source settings that change the cached content; a cache is reused only when they match.
@@ -64,6 +65,10 @@ def _reuse_existing(out: Path, settings: dict, encoder_ids: dict, overwrite: boo
                     "or overwrite=True")
 
 
+def _records_name(process_index: int, process_count: int) -> str:
+    return RECORDS if process_count == 1 else f"latents-{process_index:05d}-of-{process_count:05d}.array_record"
+
+
 def build_latent_cache(
     source_cfg,
     encode_images_fn: Callable[[np.ndarray], tuple],
@@ -74,12 +79,20 @@ def build_latent_cache(
     encoder_ids: Mapping[str, str] | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[str], None] | None = None,
 ) -> LatentCache:
     """Encodes every example of `source_cfg`'s split once and writes the cache to `out_dir`.
 
     Both encoders always see full batches of `batch_size` (the last one padded), so jitted encoders
     compile once. A cache already in `out_dir` built from the same source settings and `encoder_ids`
     is reused. `dtype` ("float32" or "float16") is the stored precision; reading gives float32.
+
+    Several processes (`process_count` > 1, `out_dir` on storage they share, `barrier(name)` a collective that
+    returns when every process called it) build it together: process p encodes the contiguous p-th part of
+    the examples into its own record file, then process 0 writes the manifest listing the files in order, so
+    the cache is the same, example for example, as one process would write.
     """
     from tqdm.auto import tqdm
 
@@ -88,17 +101,27 @@ def build_latent_cache(
                       batch_size=batch_size, latent_cache=None)
     out, encoder_ids = Path(out_dir).expanduser(), dict(encoder_ids or {})
     settings = _source_settings(cfg)
+    if process_count > 1 and barrier is None:
+        raise ValueError("building a latent cache with several processes needs their barrier")
     if _reuse_existing(out, settings, encoder_ids, overwrite):
         return LatentCache(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    if process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+    if barrier is not None:
+        barrier("ldm_jax_latent_cache_start")
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    iterator = make_iterator(cfg)
-    writer = ArrayRecordWriter(str(out / RECORDS), "group_size:1")
+    examples, num_examples = global_dataset(cfg)
+    start, stop = process_index * num_examples // process_count, (process_index + 1) * num_examples // process_count
+    batches = examples[start:stop].batch(batch_size, drop_remainder=False, batch_fn=collate)
+    iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                              prefetch_buffer_size=cfg.prefetch)))
+    writer = ArrayRecordWriter(str(out / _records_name(process_index, process_count)), "group_size:1")
     fields, store = None, np.dtype(dtype)
     try:
-        for batch in tqdm(iterator, total=math.ceil(iterator.num_examples / batch_size), desc="latent cache"):
+        for batch in tqdm(iterator, total=math.ceil((stop - start) / batch_size), desc="latent cache",
+                          disable=process_index != 0):
             n = len(batch["index"])
             mean, std = encode_images_fn(_pad(batch["image"], batch_size))
             text = _as_text_arrays(encode_text_fn(list(batch["caption"]) + [""] * (batch_size - n)))
@@ -111,10 +134,20 @@ def build_latent_cache(
     finally:
         writer.close()
     uncond = _as_text_arrays(encode_text_fn([""] * batch_size))
-    np.savez(out / UNCOND, **{k: (v.astype(store) if v.dtype.kind == "f" else v)[0] for k, v in uncond.items()})
-    manifest = {"format_version": _FORMAT_VERSION, "num_examples": iterator.num_examples, "fields": fields,
-                "encoder_ids": encoder_ids, "source": settings, "stored_dtype": store.name}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / MANIFEST)  # written last: its presence marks a complete cache
+    if barrier is not None:
+        barrier("ldm_jax_latent_cache_encoded")
+    if process_index == 0:
+        if fields is None:
+            raise DataError(f"process 0 encoded no examples for the latent cache {out} ({process_count} "
+                            "processes): use fewer processes than examples")
+        np.savez(out / UNCOND, **{k: (v.astype(store) if v.dtype.kind == "f" else v)[0] for k, v in uncond.items()})
+        manifest = {"format_version": _FORMAT_VERSION, "num_examples": num_examples, "fields": fields,
+                    "encoder_ids": encoder_ids, "source": settings, "stored_dtype": store.name,
+                    "records": [_records_name(p, process_count) for p in range(process_count)]}
+        tmp = out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(out / MANIFEST)  # written last: its presence marks a complete cache
+    if barrier is not None:
+        barrier("ldm_jax_latent_cache_written")
     return LatentCache(out)
+

@@ -57,7 +57,8 @@ class LatentCache:
                             f"this code reads {_FORMAT_VERSION}; rebuild it")
         import grain
 
-        self._source = grain.sources.ArrayRecordDataSource([str(self.path / RECORDS)])
+        records = self.manifest.get("records", [RECORDS])  # in order: one file per process that built it
+        self._source = grain.sources.ArrayRecordDataSource([str(self.path / name) for name in records])
         with np.load(self.path / UNCOND) as uncond:
             self.uncond = {k: uncond[k].astype(np.float32 if uncond[k].dtype.kind == "f" else uncond[k].dtype)
                            for k in uncond.files}

@@ -4,10 +4,13 @@ per-host sharding, and a checkpointable iterator.
 Order of one epoch (identical on every host): the source (a prepared tfds dataset, or a latent cache) is
 shuffled with ``seed`` (grain's index shuffle, reseeded each epoch), each example is preprocessed with a
 generator seeded by (seed, its global position), epochs are concatenated and, when finite, cut to a
-multiple of the global batch. Host ``p`` of ``P`` then takes positions ``p, p + P, p + 2P, ...``, so its
-k-th batch (``batch_size / P`` examples) is exactly its share of global batch k: hosts are disjoint, their
-union is the epoch, and the result does not depend on thread counts. The iterator state is grain's
-(JSON-serializable) position, so a restored iterator yields exactly the batches an uninterrupted one would.
+multiple of the global batch. Global batch k is positions ``[k B, (k + 1) B)``; host ``p`` of ``P`` takes
+its contiguous block ``[k B + p B / P, k B + (p + 1) B / P)``, so the hosts' rows laid side by side are
+the global batch in order: hosts are disjoint, their union is the epoch, and neither the batches nor their
+row order depend on the number of hosts or threads. The iterator state is grain's (JSON-serializable)
+position, which counts global batches and is the same on every host, so a restored iterator yields exactly
+the batches an uninterrupted one would — also on another number of hosts (elastic resume: a run saved by
+P hosts continues on P' hosts with the next global batch; no example is skipped or seen twice).
 
 Batches are dicts of numpy arrays: ``image`` float32 (B, H, W, C) in [-1, 1] (or ``latent_mean`` /
 ``latent_std`` and text arrays from a latent cache), ``caption`` (B,) str after dropout, ``index`` (B,) the
@@ -26,7 +29,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ldm_jax.data import _grain_compat, builders, latent_records
+from ldm_jax.data import _grain_compat, builders, latent_records, shard_stream
 from ldm_jax.data.common import decode_text
 from ldm_jax.data.tokenize import as_tokenize_fn
 from ldm_jax.types import ConfigError, FrozenConfig
@@ -43,7 +46,8 @@ class DataConfig(FrozenConfig):
     """Typed view of the ``data`` config section (``DataConfig.from_config(cfg.data)``).
 
     Attributes:
-      name: a builder of ours (shapes, openmoji, fashion_mnist, image_folder) or a tfds catalog name.
+      name: a builder of ours (shapes, openmoji, fashion_mnist, image_folder), a tfds catalog name, or "shards"
+        (streamed tar shards; builder_kwargs ``paths``, ``shuffle_buffer``, ``buckets``: see `shard_stream`).
       builder_kwargs: options of the builder (e.g. shapes ``num_train``, image_folder ``path``); shapes and
         openmoji are built at ``resolution`` unless a ``resolution`` is given here.
       batch_size: the global batch; each of P hosts gets batch_size / P examples per step.
@@ -277,8 +281,15 @@ class _SourceIndex:
         return self.fn(index % self.num_examples, record)
 
 
+def global_dataset(cfg: DataConfig) -> tuple[grain.MapDataset, int]:
+    """The MapDataset of every host's preprocessed examples in global order (module docstring) and the epoch
+    size."""
+    return host_dataset(cfg, 0, 1)
+
+
 def host_dataset(cfg: DataConfig, process_index: int, process_count: int) -> tuple[grain.MapDataset, int]:
-    """This host's MapDataset of preprocessed examples (see module docstring) and the epoch size."""
+    """This host's MapDataset of per-host batches (module docstring: host p's block of every global batch) and
+    the epoch size; with ``process_count=1``, the examples themselves (not batched)."""
     if cfg.batch_size % process_count:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
     if process_count > 1 and not cfg.drop_remainder:
@@ -300,7 +311,11 @@ def host_dataset(cfg: DataConfig, process_index: int, process_count: int) -> tup
         ds = ds.repeat(cfg.num_epochs)
     if cfg.num_epochs is not None and cfg.drop_remainder:
         ds = ds[: len(ds) // cfg.batch_size * cfg.batch_size]
-    return ds[process_index::process_count], num_examples
+    if process_count == 1:
+        return ds, num_examples
+    # blocks of B / P examples: block q = k P + p is host p's part of global batch k
+    per_host = cfg.batch_size // process_count
+    return ds.batch(per_host, drop_remainder=True, batch_fn=collate)[process_index::process_count], num_examples
 
 
 class DataIterator:
@@ -346,18 +361,25 @@ class DataIterator:
             close()
 
 
-def make_iterator(cfg, *, tokenizer=None, process_index: int = 0, process_count: int = 1) -> DataIterator:
+def make_iterator(cfg, *, tokenizer=None, process_index: int = 0,
+                  process_count: int = 1) -> DataIterator | shard_stream.ShardIterator:
     """Batches of `cfg` (a DataConfig, ConfigDict or mapping) for host `process_index` of `process_count`.
 
     `tokenizer`: a callable list[str] -> (B, L) int array or dict of arrays, a transformers tokenizer
     (padded/truncated to ``cfg.max_length``) or a `tokenizers.Tokenizer`; its outputs join the batch.
+    ``name="shards"`` streams webdataset-layout tar shards instead (`shard_stream`: same batches and interface).
     """
     cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.from_config(cfg)
+    if cfg.name == shard_stream.SOURCE_NAME and not cfg.latent_cache:
+        tokenize = Tokenize(as_tokenize_fn(tokenizer, cfg.max_length)) if tokenizer is not None else None
+        fns = shard_stream.BatchFns(to_channels, mirror_caption, collate, tokenize)
+        return shard_stream.make_shard_iterator(cfg, fns, process_index=process_index, process_count=process_count)
     ds, num_examples = host_dataset(cfg, process_index, process_count)
     per_host = cfg.batch_size // process_count
     # Batches are formed on the MapDataset, so each reader thread or process builds whole batches and
     # the stream does not depend on num_threads or num_workers.
-    ds = ds.batch(per_host, drop_remainder=cfg.drop_remainder, batch_fn=collate)
+    if process_count == 1:
+        ds = ds.batch(per_host, drop_remainder=cfg.drop_remainder, batch_fn=collate)
     if tokenizer is not None:
         ds = ds.map(Tokenize(as_tokenize_fn(tokenizer, cfg.max_length)))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
@@ -365,7 +387,7 @@ def make_iterator(cfg, *, tokenizer=None, process_index: int = 0, process_count:
         _grain_compat.ensure_absl_flags_parsed()  # grain's reader processes read absl flags
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     fingerprint = {k: getattr(cfg, k) for k in _ORDER_FIELDS}
-    fingerprint.update(num_examples=num_examples, process_index=process_index, process_count=process_count)
+    fingerprint.update(num_examples=num_examples)  # the position counts global batches: any host count resumes it
     return DataIterator(iter(it_ds), fingerprint, num_examples=num_examples, per_host_batch_size=per_host)
 
 

@@ -348,8 +348,12 @@ def _placed(model, params: PyTree, mesh: Mesh) -> PyTree:
     source, placed = model._placements.get(key, ((), None))
     if len(source) == len(leaves) and all(a is b for a, b in zip(source, leaves)):
         return placed
-    if any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in leaves):
-        params = multihost_utils.process_allgather(params, tiled=True)
+    def to_host(a):  # only arrays sharded across processes are gathered (a collective); the rest are whole here
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return multihost_utils.process_allgather(a, tiled=True)
+        return a
+
+    params = jax.tree.map(to_host, params)
     placed = jax.device_put(params, NamedSharding(mesh, P()))
     if params["unet"] is model.unet_params:
         model._placements[key] = (tuple(leaves), placed)

@@ -226,9 +226,10 @@ class Checkpointer:
             folder) else []
         if not others:
             raise FileNotFoundError(f"no data-iterator state in {folder}")
-        logger.warning("checkpoint %d was written by a different number of processes; every process resumes "
-                       "the data iterator from %s (exact only for pipelines whose state is the same on all "
-                       "processes)", step, others[0])
+        # elastic resume: the pipelines' positions count global batches and are the same on every process
+        # (ldm_jax.data.pipeline), so process 0's file is every process's position on the new process count
+        logger.info("checkpoint %d was written by another number of processes; resuming the data position of %s",
+                    step, others[0])
         with open(os.path.join(folder, others[0])) as f:
             return decode_data_state(json.load(f))
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from ldm_jax import diffusion
 from ldm_jax.data import DataConfig, DataError, build_latent_cache, make_iterator
@@ -59,7 +60,8 @@ class NumericBatches:
 
 def ensure_latent_cache(config, model: LatentDiffusion, workdir: str) -> str | None:
     """The latent cache the stage reads: ``data.latent_cache`` as given, or with "auto" one built (once) in
-    ``workdir/latent_cache`` from the frozen VAE's posteriors and the frozen text encoder's hidden states.
+    ``workdir/latent_cache`` from the frozen VAE's posteriors and the frozen text encoder's hidden states, by
+    all processes together (each encodes its part).
 
     The cache records which encoders made it (the VAE's parameter checksum, the text encoder and its length),
     so a changed VAE, text encoder or dataset rebuilds it instead of training on stale latents.
@@ -67,9 +69,6 @@ def ensure_latent_cache(config, model: LatentDiffusion, workdir: str) -> str | N
     path = str(config.data.get("latent_cache", "") or "")
     if path != "auto":
         return path or None
-    if jax.process_count() > 1:
-        raise ConfigError("data.latent_cache='auto' builds the cache on one host; build it once "
-                          "(ldm_jax.data.build_latent_cache) and pass its path as data.latent_cache")
     out = os.path.join(workdir, "latent_cache")
     vae, vae_params, te = model.vae, model.vae_params, model.text_encoder
     posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
@@ -85,12 +84,16 @@ def ensure_latent_cache(config, model: LatentDiffusion, workdir: str) -> str | N
     ids = {"vae": f"{model.vae.config}|{checksum:.10e}",
            "text": f"{config.model.text_encoder.name}|{config.model.text_encoder.path}|{te.max_length}"}
     source = DataConfig.from_run_config(config, max_length=te.max_length, latent_cache=None)
+    # Every process encodes its part (the workdir is shared storage in a multi-process run).
+    together = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                    barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None)
     # The workdir's own cache is derived data: one made from other data or encoders is rebuilt, not an error.
     try:
-        build_latent_cache(source, encode_images, encode_text, out, int(config.data.batch_size), encoder_ids=ids)
+        build_latent_cache(source, encode_images, encode_text, out, int(config.data.batch_size), encoder_ids=ids,
+                           **together)
     except DataError:
         build_latent_cache(source, encode_images, encode_text, out, int(config.data.batch_size), encoder_ids=ids,
-                           overwrite=True)
+                           overwrite=True, **together)
     return out
 
 

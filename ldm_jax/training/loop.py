@@ -4,7 +4,8 @@
   data-iterator position) and continues, so an interrupted run ends with the same parameters, bit for bit,
   as an uninterrupted one.
 * Preemption: SIGTERM or SIGINT sets a flag; the loop finishes the current step, saves, and returns
-  normally (exit status 0). A second SIGINT interrupts at once.
+  normally (exit status 0). A second SIGINT interrupts at once. ``train.stop_at_step`` does the same after a
+  given step (a job that has one time slice of a longer run; the schedule still spans train.num_steps).
 * Guard rails: a step with a non-finite loss or gradient never changes the parameters; with
   ``train.on_nonfinite="halt"`` the loop stops with ``NonFiniteError`` naming the step (the newest
   checkpoint is the last good state), with ``"skip"`` it warns and goes on.
@@ -67,18 +68,21 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep: int = 3
     keep_every: int = 0
+    stop_at_step: int = 0  # > 0: save and stop after this step, as if preempted (a job's time slice on a cluster)
 
     @classmethod
     def from_config(cls, config) -> LoopConfig:
         t, c = config.train, config.checkpoint
         out = cls(num_steps=int(t.num_steps), seed=int(t.seed), log_every_steps=int(t.log_every_steps),
                   on_nonfinite=str(t.on_nonfinite), checkpoint_every=int(c.every_steps), keep=int(c.keep),
-                  keep_every=int(c.keep_every))
+                  keep_every=int(c.keep_every), stop_at_step=int(t.get("stop_at_step", 0) or 0))
         if out.on_nonfinite not in ON_NONFINITE:
             raise ConfigError(f"train.on_nonfinite='{out.on_nonfinite}' is unknown"
                               f"{nearest(out.on_nonfinite, ON_NONFINITE)}: use 'halt' or 'skip'")
         if out.num_steps < 1:
             raise ConfigError(f"train.num_steps={out.num_steps} must be >= 1")
+        if out.stop_at_step < 0:
+            raise ConfigError(f"train.stop_at_step={out.stop_at_step} must be >= 0 (0: run to train.num_steps)")
         return out
 
 
@@ -323,7 +327,7 @@ class _Loop:
                     if final or (lc.log_every_steps > 0 and step % lc.log_every_steps == 0):
                         meter.flush()
                         clock, last_logged = self._log(meter, step, clock, last_logged, bar), step
-                    stopping = stop.requested()
+                    stopping = stop.requested() or step == lc.stop_at_step
                     if final or stopping or (lc.checkpoint_every > 0 and step % lc.checkpoint_every == 0):
                         meter.flush()
                         self._save(step, state, iterator)
@@ -331,7 +335,8 @@ class _Loop:
                     # after the save: a failing callback (grid, metric) never costs this step's checkpoint
                     _run_callbacks(callbacks, step, state, self.writer)
                     if stopping:
-                        logger.warning("stopped by signal after step %d; checkpoint saved", step)
+                        logger.warning("stopped %s after step %d; checkpoint saved",
+                                       "by signal" if stop.signum is not None else "at train.stop_at_step", step)
                         break
                 meter.flush()
         finally:

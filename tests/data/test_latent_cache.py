@@ -121,3 +121,38 @@ def test_cache_is_reused_and_guarded(cache, source, tmp_path):
     np.testing.assert_allclose(half[3]["latent_mean"], full[3]["latent_mean"], atol=2e-3)
     with pytest.raises(DataError, match="no latent cache"):
         LatentCache(tmp_path / "nothing")
+
+
+def test_three_processes_build_the_same_cache_as_one(cache, source, tmp_path):
+    import threading
+
+    one, _, _ = cache
+    out = tmp_path / "together"
+    gate = threading.Barrier(3)
+    errors = []
+
+    def process(p):
+        try:
+            build_latent_cache(source, ToyEncoders().images, ToyEncoders.text, out, BATCH,
+                               encoder_ids={"vae": "toy-pool4", "text": "toy-chars"}, process_index=p,
+                               process_count=3, barrier=lambda name: gate.wait(timeout=60))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    manifest = json.loads((out / latent_cache.MANIFEST).read_text())
+    assert manifest["records"] == [f"latents-{p:05d}-of-00003.array_record" for p in range(3)]
+    together = LatentCache(out)
+    assert len(together) == len(one) == 40
+    for i in range(40):
+        a, b = together[i], one[i]
+        assert a.keys() == b.keys() and a["caption"] == b["caption"]
+        for k in a:
+            if k != "caption":
+                np.testing.assert_array_equal(a[k], b[k])

@@ -70,9 +70,30 @@ def test_two_hosts_read_disjoint_shards_covering_the_epoch(shapes_cfg):
     for step, (a, b) in enumerate(zip(*hosts, strict=True)):
         assert a["image"].shape[0] == b["image"].shape[0] == 6
         assert not set(a["index"]) & set(b["index"])
-        assert sorted([*a["index"], *b["index"]]) == sorted(single[step]["index"])
+        # the hosts' rows side by side are the one-host global batch, in order (row i gets the same noise)
+        np.testing.assert_array_equal(np.concatenate([a["index"], b["index"]]), single[step]["index"])
+        np.testing.assert_array_equal(np.concatenate([a["image"], b["image"]]), single[step]["image"])
     epoch = np.concatenate([b["index"] for h in hosts for b in h])
     assert len(epoch) == len(set(epoch)) == 192
+
+
+def test_a_position_saved_on_two_hosts_resumes_on_one_or_four(shapes_cfg):
+    cfg = {**shapes_cfg, "batch_size": 8}  # repeating epochs, as in training
+    reference = make_iterator(cfg)
+    batches = [next(reference)["index"] for _ in range(30)]
+    hosts = [make_iterator(cfg, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(27):  # 27 steps: into the second epoch (200 / 8 = 25 steps each)
+        for it in hosts:
+            next(it)
+    states = [it.get_state() for it in hosts]
+    assert states[0] == states[1]  # the position counts global batches: the same on every host
+    for count in (1, 4):
+        resumed = [make_iterator(cfg, process_index=p, process_count=count) for p in range(count)]
+        for it in resumed:
+            it.set_state(states[0])
+        for step in range(27, 30):
+            got = np.concatenate([next(it)["index"] for it in resumed])
+            np.testing.assert_array_equal(got, batches[step])
 
 
 def test_epochs_are_reshuffled_permutations(shapes_cfg):

@@ -27,9 +27,8 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
-from ldm_jax.data import _grain_compat, builders, latent_records, shard_stream
+from ldm_jax.data import _grain_compat, builders, latent_records, shard_stream, shards
 from ldm_jax.data.common import decode_text
 from ldm_jax.data.tokenize import as_tokenize_fn
 from ldm_jax.types import ConfigError, FrozenConfig
@@ -156,20 +155,7 @@ def _to_example_fn(result: builders.BuildResult, cfg: DataConfig) -> ToExample:
 def resize_image(image: np.ndarray, resolution: int, center_crop: bool) -> np.ndarray:
     """uint8 (H, W, C) -> (resolution, resolution, C): shorter side to `resolution` then a center crop, or
     a plain (aspect-changing) resize when `center_crop` is False. Bicubic, antialiased when shrinking."""
-    h, w = image.shape[:2]
-    if (h, w) == (resolution, resolution):
-        return image
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if center_crop:
-        scale = resolution / min(h, w)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        pil = pil.resize(size, Image.BICUBIC)
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        pil = pil.crop((left, top, left + resolution, top + resolution))
-    else:
-        pil = pil.resize((resolution, resolution), Image.BICUBIC)
-    out = np.asarray(pil)
-    return out[..., None] if out.ndim == 2 else out
+    return shards.fit_image(image, resolution, resolution, center_crop)
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -182,7 +182,8 @@ def image_size(data: bytes, ext: str) -> tuple[int, int]:
 
 def fit_image(image: np.ndarray, height: int, width: int, center_crop: bool = True) -> np.ndarray:
     """uint8 (h, w, C) -> (height, width, C): scaled to cover then center-cropped, or a plain (aspect-changing)
-    resize when `center_crop` is False; bicubic. For height == width it equals `pipeline.resize_image`."""
+    resize when `center_crop` is False; bicubic (the image pipeline's resize, `pipeline.resize_image`, is the
+    square case)."""
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image

@@ -2,8 +2,8 @@
 
 Trains the stage the config names (autoencoder or latent diffusion). Rerunning the same command resumes
 from the newest checkpoint in the workdir. Multi-host: run the same command on every host with
---coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1] (or let JAX
-detect the cluster).
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I [--local_device_ids=0,1], or start it as
+the tasks of a SLURM job, on every worker of a TPU slice or as a Kubernetes indexed Job (README: "On a cluster").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv):
     multi = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if any(v is not None for v in multi) and not all(v is not None for v in multi):
         fail("multi-process training needs all of --coordinator_address=HOST:PORT, --num_processes=N and "
-             "--process_id=I (or none of them: JAX_* environment variables / cluster auto-detection)")
+             "--process_id=I (or none of them: JAX_* variables, or a SLURM / TPU / Kubernetes job's layout)")
     if _NUM_PROCESSES.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
         fail(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value})")
     local_ids = _LOCAL_DEVICE_IDS.value

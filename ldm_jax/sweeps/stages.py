@@ -71,11 +71,18 @@ def validate(config, runs) -> None:
             raise ConfigError(f"sweep.eval: NFE {nfe} of sampler {sampler} must be >= 1")
 
 
-def prepare(config, workdir: str, reuse_from: str | None = None):
+def prepare(config, workdir: str, reuse_from: str | None = None, *, require_prepared: bool = False):
     """Trains the shared autoencoder (once) and points the sweep's base config at it and at the shared data.
     With `reuse_from` (another sweep's directory) that sweep's data and finished autoencoder are used instead,
-    so its trained runs can be evaluated here (only read, never written)."""
+    so its trained runs can be evaluated here (only read, never written). With `require_prepared` (a task of a
+    job array, started after ``--prepare_only``) nothing is trained or built here: a shared autoencoder that is
+    missing, unfinished or trained from another config, or a missing shared latent cache, stops the task with
+    one ConfigError instead (several tasks building them at once would overwrite each other)."""
+    from ldm_jax.sweeps.runner import trained_differently
+
     home = reuse_from or workdir
+    not_ready = ("run `ldm-jax sweep --prepare_only` with the same --config and --workdir first, and start the "
+                 "array once it has finished (SLURM: sbatch --dependency=afterok:<its job id>)")
     data_dir = str(config.data.get("data_dir", "") or os.path.join(home, "data"))
     config.data.data_dir = data_dir
     spec = str(config.sweep.get("autoencoder", "") or "")
@@ -87,11 +94,16 @@ def prepare(config, workdir: str, reuse_from: str | None = None):
             ae[section][field] = value
         ae_dir = os.path.join(home, "autoencoder")
         if reuse_from:
-            from ldm_jax.sweeps.runner import trained_differently
-
             if why := trained_differently(ae, ae_dir):
                 raise ConfigError(f"--reuse_from: the shared autoencoder cannot be reused: {why}; reuse a sweep "
                                   "of the same, finished autoencoder, or drop --reuse_from")
+        elif require_prepared:
+            try:
+                why = trained_differently(ae, ae_dir)
+            except ConfigError as e:  # a checkpoint still being written, or damaged
+                why = str(e)
+            if why:
+                raise ConfigError(f"the shared autoencoder is not ready ({why}): {not_ready}")
         else:
             _check_finished(run(ae, ae_dir), ae, "the shared autoencoder")
         config.model.vae.workdir = ae_dir
@@ -99,6 +111,12 @@ def prepare(config, workdir: str, reuse_from: str | None = None):
         raise ConfigError("the sweep needs an autoencoder: set sweep.autoencoder (a config spec trained once) or "
                           "model.vae.workdir / model.vae.pretrained")
     if str(config.data.get("latent_cache", "") or "") == "auto":
+        if require_prepared:
+            from ldm_jax.data.latent_records import MANIFEST
+
+            if not os.path.exists(os.path.join(workdir, "latent_cache", MANIFEST)):
+                raise ConfigError(f"the shared latent cache {os.path.join(workdir, 'latent_cache')} is not built: "
+                                  f"{not_ready}")
         # one cache for every run (they share the autoencoder and text encoder), not one per run directory
         config.data.latent_cache = ensure_latent_cache(config, LatentDiffusion.from_config(config), workdir)
     return config

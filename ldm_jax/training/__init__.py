@@ -57,8 +57,8 @@ def run(config, workdir: str, *, coordinator_address: str | None = None, num_pro
 
     The keyword arguments (``--coordinator_address``, ``--num_processes``, ``--process_id`` and the optional
     ``--local_device_ids`` on the command line) start a multi-process job explicitly; without them the JAX_*
-    environment variables or a cluster JAX detects (SLURM, Open MPI, TPU pods) are used
-    (`sharding.maybe_initialize_distributed`).
+    environment variables, or the layout of a SLURM job, a TPU slice or a Kubernetes indexed Job, are used
+    (`sharding.detect_layout`, `sharding.maybe_initialize_distributed`).
     """
     from ldm_jax.training.loop import train
     from ldm_jax.training.preflight import preflight

@@ -31,6 +31,7 @@ from ldm_jax.ldm import build
 from ldm_jax.models import AutoencoderKL, unbox
 from ldm_jax.models.lpips import LPIPS, load_lpips
 from ldm_jax.training.ldm import NumericBatches
+from ldm_jax.training.sharding import host_copy
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError, FrozenConfig
 
@@ -194,9 +195,13 @@ class ReconstructionGrid:
     def __call__(self, step, state):
         import os
 
-        if step % self.every or jax.process_index() != 0:
+        if step % self.every:
             return None
-        rec = self._rec(unbox(state.ema_params), self.images)
+        # every process takes part in gathering parameters sharded across processes; process 0 draws the grid
+        params = host_copy(unbox(state.ema_params))
+        if jax.process_index() != 0:
+            return None
+        rec = self._rec(params, self.images)
         grid = make_grid(to_uint8(jnp.concatenate([self.images, rec])), cols=len(self.images))
         os.makedirs(self.dir, exist_ok=True)
         save_png(os.path.join(self.dir, f"{step:07d}.png"), grid)

@@ -9,19 +9,23 @@
   out_shardings=...)``; the parameters are created already sharded and come back unboxed.
 * ``global_batch(local, mesh)``: each host's slice of the batch becomes one global array sharded over
   ("data", "fsdp") with ``jax.make_array_from_process_local_data``.
-* ``maybe_initialize_distributed()``: multi-host setup through ``jax.distributed.initialize``.
+* ``maybe_initialize_distributed()``: multi-host setup through ``jax.distributed.initialize`` with the layout
+  ``detect_layout(os.environ)`` reads from the launcher: arguments, JAX_* variables, SLURM (``srun``), a Cloud
+  TPU slice or a Kubernetes indexed Job (README "On a cluster").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -179,45 +183,314 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
         raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes")
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
+def host_copy(tree: PyTree) -> PyTree:
+    """`tree` with every array sharded across processes gathered whole into this process (numpy; a collective:
+    every process must call it); arrays this process already holds whole are kept as they are."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(fetch, tree)
 
 
-def _cluster_detected() -> bool:
-    """True when one of JAX's known cluster environments (SLURM, Open MPI, Cloud TPU, k8s, ...) is present."""
+# ------------------------------------------------------------------------------------------------------------
+# Multi-process layout, read from how the job was launched (no scheduler of our own; see README "On a cluster")
+
+DISTRIBUTED_VAR = "LDM_JAX_DISTRIBUTED"  # "off": never join from the environment; "auto": JAX's own detection
+PORT_VARS = ("LDM_JAX_COORDINATOR_PORT", "JAX_COORDINATOR_PORT")
+KUBERNETES_PORT = 8476  # pods have a network namespace each: one fixed port is free on the index-0 pod
+SLURM_PORT_BASE = 20000  # + SLURM_JOB_ID mod 12000 (below Linux's ephemeral ports): jobs sharing their
+                         # first node get different ports
+MAX_HOSTS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+    """How this process joins a multi-process job, and where that was read.
+
+    `source` is one of "arguments", "JAX_*", "slurm", "tpu", "kubernetes", "auto". `coordinator` is process
+    0's "host:port"; None for "tpu" and "auto", where ``jax.distributed.initialize()`` is called bare and JAX's
+    own detection (TPU metadata, Open MPI, ...) fills everything in (`num_processes` / `process_id` are then
+    what the variables say, None where they say nothing). `local_device_ids` restricts the process to some of
+    its host's accelerators (None: all of them).
+    """
+
+    source: str
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's compact host list as host names, in order.
+
+    ``"node[001-003,007],gpu-a"`` -> node001, node002, node003, node007, gpu-a. A range keeps the zero padding
+    of its lower bound; several bracket groups in one name expand as a product (``"r[1-2]n[1-2]"`` -> r1n1,
+    r1n2, r2n1, r2n2). Raises ValueError on a malformed list.
+    """
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if depth not in (0, 1):
+            raise ValueError(f"unbalanced brackets at character {i}")
+        if ch == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError("a '[' is never closed")
+    names.append(text[start:])
+    hosts: list[str] = []
+    for name in (n.strip() for n in names):
+        if not name:
+            raise ValueError("an empty host name")
+        hosts.extend(_expand_name(name))
+        if len(hosts) > MAX_HOSTS:
+            raise ValueError(f"more than {MAX_HOSTS} hosts")
+    return hosts
+
+
+def _expand_name(name: str) -> list[str]:
+    open_ = name.find("[")
+    if open_ < 0:
+        if "]" in name:
+            raise ValueError(f"'{name}' has a ']' without '['")
+        return [name]
+    close = name.index("]", open_)
+    head, body, rest = name[:open_], name[open_ + 1:close], name[close + 1:]
+    tails = _expand_name(rest) if rest else [""]
+    return [head + n + tail for n in _expand_ranges(body) for tail in tails]
+
+
+def _expand_ranges(body: str) -> list[str]:
+    out = []
+    for part in body.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"'[{body}]': '{part}' is not a number or a range like 01-04")
+        if not dash:
+            out.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"'[{body}]': range {part} runs backwards")
+        if int(high) - int(low) >= MAX_HOSTS:
+            raise ValueError(f"'[{body}]': range {part} has more than {MAX_HOSTS} hosts")
+        out.extend(f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
+    return out
+
+
+def _int_var(environ: Mapping[str, str], name: str, minimum: int = 0) -> int | None:
+    """The integer in environ[name] (None when unset or empty); a one-line ConfigError naming it otherwise."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
     try:
-        from jax._src.clusters import ClusterEnv  # private: the auto-detection JAX itself would run
-    except ImportError:  # pragma: no cover - depends on the jax version
-        return False
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise ConfigError(f"{name}={number} must be >= {minimum}")
+    return number
+
+
+def _check_id(process_id: int, num_processes: int, id_name: str, count_name: str) -> None:
+    if not 0 <= process_id < num_processes:
+        raise ConfigError(f"{id_name}={process_id} must be in [0, {count_name}={num_processes})")
+
+
+def _check_address(address: str, name: str) -> str:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}={address!r} is not HOST:PORT (e.g. 10.0.0.1:8476)")
+    return address
+
+
+def _port(environ: Mapping[str, str], default: int) -> int:
+    for name in PORT_VARS:
+        port = _int_var(environ, name, minimum=1)
+        if port is not None:
+            if port > 65535:
+                raise ConfigError(f"{name}={port} is not a port (1-65535)")
+            return port
+    return default
+
+
+def _device_ids(given: Sequence[int] | None, environ: Mapping[str, str]) -> tuple[int, ...] | None:
+    if given is not None:
+        return tuple(int(i) for i in given)
+    text = environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"JAX_LOCAL_DEVICE_IDS={text!r}: give non-negative integers such as 0,1")
+    return tuple(int(p) for p in parts)
+
+
+def _from_arguments(environ, coordinator_address, num_processes, process_id) -> ProcessLayout | None:
+    if coordinator_address is None and num_processes is None and process_id is None:
+        return None
+    # what the arguments leave out may come from the JAX_* variables (as jax.distributed.initialize reads them)
+    coordinator = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
+    count = num_processes if num_processes is not None else _int_var(environ, "JAX_NUM_PROCESSES", 1)
+    index = process_id if process_id is not None else _int_var(environ, "JAX_PROCESS_ID")
+    for value, name in ((coordinator, "coordinator_address"), (count, "num_processes"), (index, "process_id")):
+        if value is None:
+            raise ConfigError(f"multi-process arguments without {name}: give all of coordinator_address, "
+                              "num_processes and process_id (or the JAX_* variables)")
+    _check_id(index, count, "process_id", "num_processes")
+    return ProcessLayout("arguments", _check_address(coordinator, "coordinator_address"), count, index)
+
+
+def _from_jax_vars(environ) -> ProcessLayout | None:
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    present = [n for n in names if environ.get(n, "").strip()]
+    if not present:
+        return None
+    if missing := [n for n in names if n not in present]:
+        raise ConfigError(f"{missing[0]} is not set but {present[0]} is: set all of {', '.join(names)}")
+    count, index = _int_var(environ, names[1], 1), _int_var(environ, names[2])
+    _check_id(index, count, names[2], names[1])
+    return ProcessLayout("JAX_*", _check_address(environ[names[0]].strip(), names[0]), count, index)
+
+
+def _from_slurm(environ) -> ProcessLayout | None:
+    """A task of ``srun`` (or of ``sbatch --ntasks=N`` run through srun): SLURM_PROCID of SLURM_NTASKS."""
+    if not environ.get("SLURM_JOB_ID", "").strip():
+        return None
+    count_name = "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS", "").strip() else "SLURM_NTASKS"
+    count = _int_var(environ, count_name, 1)
+    if count is None or count == 1:
+        return None  # one task (or an allocation's shell, a batch script without --ntasks): nothing to join
+    index = _int_var(environ, "SLURM_PROCID")
+    if index is None:
+        raise ConfigError(f"SLURM_PROCID is not set but {count_name}={count}: start the {count} processes with "
+                          f"srun (or set {DISTRIBUTED_VAR}=off to run a single process)")
+    _check_id(index, count, "SLURM_PROCID", count_name)
+    local = _int_var(environ, "SLURM_LOCALID")
+    if local is None:
+        raise ConfigError(f"SLURM_LOCALID is not set but {count_name}={count}: start the processes with srun")
+    list_name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                      if environ.get(n, "").strip()), None)
+    if list_name is None:
+        raise ConfigError(f"SLURM_JOB_NODELIST is not set but {count_name}={count}: the coordinator is the "
+                          "first host of the job's node list")
     try:
-        return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
-    except Exception:  # noqa: BLE001 - an odd environment must not stop a single-host run
-        return False
+        nodes = expand_hostlist(environ[list_name].strip())
+    except ValueError as e:
+        raise ConfigError(f"{list_name}={environ[list_name]!r} is not a Slurm host list: {e}") from None
+    port = _port(environ, SLURM_PORT_BASE + _int_var(environ, "SLURM_JOB_ID") % 12000)
+    # several tasks on a node: one accelerator each, the node-local task index (JAX's own SLURM convention)
+    ids = (local,) if count > len(nodes) else None
+    return ProcessLayout("slurm", f"{nodes[0]}:{port}", count, index, ids)
+
+
+def _from_tpu(environ) -> ProcessLayout | None:
+    """A Cloud TPU pod slice (GKE: TPU_WORKER_HOSTNAMES + TPU_WORKER_ID; multislice: MEGASCALE_*)."""
+    hosts_name = next((n for n in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES") if environ.get(n, "").strip()),
+                      None)
+    if hosts_name is None and not environ.get("MEGASCALE_COORDINATOR_ADDRESS", "").strip():
+        return None
+    slices = _int_var(environ, "MEGASCALE_NUM_SLICES", 1) or 1
+    slice_id = _int_var(environ, "MEGASCALE_SLICE_ID") or 0
+    _check_id(slice_id, slices, "MEGASCALE_SLICE_ID", "MEGASCALE_NUM_SLICES")
+    if hosts_name is None:  # the slice's hosts come from the TPU metadata: JAX reads them
+        return ProcessLayout("tpu", None, None, None)
+    hosts = [h for h in environ[hosts_name].split(",") if h.strip()]
+    worker = _int_var(environ, "TPU_WORKER_ID")
+    if worker is None and len(hosts) > 1:
+        raise ConfigError(f"TPU_WORKER_ID is not set but {hosts_name} lists {len(hosts)} hosts")
+    _check_id(worker or 0, len(hosts), "TPU_WORKER_ID", f"the number of hosts in {hosts_name}")
+    count = len(hosts) * slices
+    return None if count == 1 else ProcessLayout("tpu", None, count, slice_id * len(hosts) + (worker or 0))
+
+
+def _from_kubernetes(environ) -> ProcessLayout | None:
+    """A pod of an indexed Job (or JobSet) with LDM_JAX_NUM_PROCESSES set: process JOB_COMPLETION_INDEX."""
+    if not environ.get("JOB_COMPLETION_INDEX", "").strip():
+        return None
+    count = _int_var(environ, "LDM_JAX_NUM_PROCESSES", 1)
+    if count is None or count == 1:
+        return None  # pods of an indexed Job that train one process each (a sweep's job array)
+    index = _int_var(environ, "JOB_COMPLETION_INDEX")
+    _check_id(index, count, "JOB_COMPLETION_INDEX", "LDM_JAX_NUM_PROCESSES")
+    given = environ.get("LDM_JAX_COORDINATOR", "").strip()
+    if given:
+        address = given if ":" in given else f"{given}:{_port(environ, KUBERNETES_PORT)}"
+        return ProcessLayout("kubernetes", _check_address(address, "LDM_JAX_COORDINATOR"), count, index)
+    subdomain = environ.get("LDM_JAX_SUBDOMAIN", "").strip()
+    if not subdomain:
+        raise ConfigError("LDM_JAX_SUBDOMAIN is not set but LDM_JAX_NUM_PROCESSES is: set it to the headless "
+                          "Service the pod template names as `subdomain`, or set LDM_JAX_COORDINATOR")
+    hostname, suffix = environ.get("HOSTNAME", "").strip(), f"-{index}"
+    if not hostname.endswith(suffix) or len(hostname) == len(suffix):
+        raise ConfigError(f"HOSTNAME={hostname!r} does not end in -{index} (JOB_COMPLETION_INDEX), as an indexed "
+                          "Job's pods do: set LDM_JAX_COORDINATOR to the index-0 pod's host")
+    host = f"{hostname[:-len(suffix)]}-0.{subdomain}"
+    return ProcessLayout("kubernetes", f"{host}:{_port(environ, KUBERNETES_PORT)}", count, index)
+
+
+def detect_layout(environ: Mapping[str, str], coordinator_address: str | None = None,
+                  num_processes: int | None = None, process_id: int | None = None,
+                  local_device_ids: Sequence[int] | None = None) -> ProcessLayout | None:
+    """This process's place in a multi-process job, or None for a single process. Pure: reads `environ` only.
+
+    First match wins: the arguments (gaps filled from JAX_*); ``LDM_JAX_DISTRIBUTED`` ("off": None, "auto":
+    JAX's own detection); JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; SLURM; a Cloud TPU
+    slice; a Kubernetes indexed Job (a GKE TPU pod is in one too: its TPU variables are the more specific).
+    A cluster of one process is None. Partial or inconsistent variables raise a one-line ConfigError naming
+    the variable. Local devices: `local_device_ids`, else JAX_LOCAL_DEVICE_IDS, else the cluster's default.
+    """
+    layout = _from_arguments(environ, coordinator_address, num_processes, process_id)
+    if layout is None:
+        mode = environ.get(DISTRIBUTED_VAR, "").strip().lower()
+        if mode not in ("", "off", "auto"):
+            raise ConfigError(f"{DISTRIBUTED_VAR}={mode!r}: use 'off' (one process) or 'auto' (JAX's detection), "
+                              "or leave it unset")
+        if mode == "off":
+            return None
+        if mode == "auto":
+            layout = ProcessLayout("auto", None, None, None)
+    if layout is None:
+        sources = (_from_jax_vars, _from_slurm, _from_tpu, _from_kubernetes)
+        layout = next((found for find in sources if (found := find(environ)) is not None), None)
+    if layout is None:
+        return None
+    ids = _device_ids(local_device_ids, environ)
+    return layout if ids is None else dataclasses.replace(layout, local_device_ids=ids)
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None,
-                                 local_device_ids: Sequence[int] | None = None) -> bool:
-    """Calls ``jax.distributed.initialize`` when this is (likely) one process of a multi-process job.
+                                 process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
+                                 environ: Mapping[str, str] | None = None) -> bool:
+    """Calls ``jax.distributed.initialize`` when `detect_layout` finds this is one process of several.
 
-    Triggers: an explicit coordinator (argument or ``JAX_COORDINATOR_ADDRESS``, with ``JAX_NUM_PROCESSES`` /
-    ``JAX_PROCESS_ID`` or arguments), or an environment JAX auto-detects (SLURM, Open MPI, Cloud TPU pods,
-    ...). ``local_device_ids`` (or ``JAX_LOCAL_DEVICE_IDS``) restricts this process to some of the host's
-    accelerators, for several processes per host. With more than one process, CPU collectives go through gloo.
-    Must run before any JAX computation. Returns whether the distributed runtime is (now) initialized.
+    The layout goes to JAX explicitly (JAX's own cluster detection is switched off, so it cannot override it);
+    "tpu" and "auto" call it bare instead. With more than one process, CPU collectives go through gloo. Must
+    run before any JAX computation. Returns whether the distributed runtime is (now) initialized.
     """
     if jax.distributed.is_initialized():
         return True
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    if coordinator_address is None and not _cluster_detected():
+    layout = detect_layout(os.environ if environ is None else environ, coordinator_address, num_processes,
+                           process_id, local_device_ids)
+    if layout is None:
         return False
-    if num_processes is None or num_processes > 1:
+    if layout.num_processes is None or layout.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id,
-                               local_device_ids=None if local_device_ids is None else list(local_device_ids))
+    ids = None if layout.local_device_ids is None else list(layout.local_device_ids)
+    logger.info("jax.distributed: joining from %s as process %s of %s (coordinator %s)", layout.source,
+                layout.process_id, layout.num_processes, layout.coordinator or "found by JAX")
+    if layout.coordinator is None:
+        jax.distributed.initialize(**({} if ids is None else {"local_device_ids": ids}))
+    else:
+        known = dict(coordinator_address=layout.coordinator, num_processes=layout.num_processes,
+                     process_id=layout.process_id, local_device_ids=ids)
+        if ids is None:  # JAX would otherwise detect SLURM / k8s itself and pick local devices from there
+            known["cluster_detection_method"] = "deactivate"
+        jax.distributed.initialize(**known)
     logger.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True

@@ -24,7 +24,8 @@ import numpy as np
 
 from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_records import _FORMAT_VERSION, MANIFEST, RECORDS, UNCOND, LatentCache, encode_record
-from ldm_jax.data.pipeline import DataConfig, collate, global_dataset
+from ldm_jax.data.pipeline import DataConfig, collate, global_dataset, make_iterator
+from ldm_jax.data.shard_stream import SOURCE_NAME
 
 _RESERVED = ("latent_mean", "latent_std", "caption", "index")
 # Source settings that change the cached content; a cache is reused only when they match.
@@ -92,7 +93,9 @@ def build_latent_cache(
     Several processes (`process_count` > 1, `out_dir` on storage they share, `barrier(name)` a collective that
     returns when every process called it) build it together: process p encodes the contiguous p-th part of
     the examples into its own record file, then process 0 writes the manifest listing the files in order, so
-    the cache is the same, example for example, as one process would write.
+    the cache is the same, example for example, as one process would write. A streamed shard set
+    (``name="shards"``) is read once, unshuffled: each process encodes the shards dealt to it (so the order of
+    the cache's examples follows the shard deal of that process count).
     """
     from tqdm.auto import tqdm
 
@@ -112,11 +115,17 @@ def build_latent_cache(
         barrier("ldm_jax_latent_cache_start")
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    examples, num_examples = global_dataset(cfg)
-    start, stop = process_index * num_examples // process_count, (process_index + 1) * num_examples // process_count
-    batches = examples[start:stop].batch(batch_size, drop_remainder=False, batch_fn=collate)
-    iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
-                                                              prefetch_buffer_size=cfg.prefetch)))
+    if cfg.name == SOURCE_NAME:  # streamed shards: each process encodes the shards dealt to it, in order
+        iterator = make_iterator(cfg.replace(batch_size=batch_size * process_count), process_index=process_index,
+                                 process_count=process_count)
+        num_examples, start, stop = None, 0, iterator.num_examples
+    else:
+        examples, num_examples = global_dataset(cfg)
+        start = process_index * num_examples // process_count
+        stop = (process_index + 1) * num_examples // process_count
+        batches = examples[start:stop].batch(batch_size, drop_remainder=False, batch_fn=collate)
+        iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                                  prefetch_buffer_size=cfg.prefetch)))
     writer = ArrayRecordWriter(str(out / _records_name(process_index, process_count)), "group_size:1")
     fields, store = None, np.dtype(dtype)
     try:
@@ -141,9 +150,12 @@ def build_latent_cache(
             raise DataError(f"process 0 encoded no examples for the latent cache {out} ({process_count} "
                             "processes): use fewer processes than examples")
         np.savez(out / UNCOND, **{k: (v.astype(store) if v.dtype.kind == "f" else v)[0] for k, v in uncond.items()})
+        records = [_records_name(p, process_count) for p in range(process_count)]
+        if num_examples is None:  # streamed: the files written by all processes
+            num_examples = len(grain.sources.ArrayRecordDataSource([str(out / name) for name in records]))
         manifest = {"format_version": _FORMAT_VERSION, "num_examples": num_examples, "fields": fields,
                     "encoder_ids": encoder_ids, "source": settings, "stored_dtype": store.name,
-                    "records": [_records_name(p, process_count) for p in range(process_count)]}
+                    "records": records}
         tmp = out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(out / MANIFEST)  # written last: its presence marks a complete cache

@@ -256,3 +256,40 @@ def test_index_shard_reads_long_and_unicode_names_of_any_tar_writer(tmp_path):
         shard = index_shard(str(path))
         assert shard.keys == ("deep/" + "x" * 120, "é/ü", "dir/c")  # dir/a's "b.png" and z's "json" are no image
         assert set(shard.members[0]) == {"jpg", "txt"} and set(shard.members[1]) == {"png"}
+
+
+def test_two_processes_build_a_latent_cache_of_every_example_once(tmp_path):
+    import threading
+
+    from ldm_jax.data import build_latent_cache
+    from ldm_jax.data.latent_records import LatentCache
+
+    shards = tmp_path / "shards"
+    write_shards(_records(200), shards, 30, image_format="npy")  # 7 shards: dealt 4 / 3
+
+    def images(x):
+        assert x.shape == (16, 8, 8, 3)  # full batches only
+        return x[:, ::2, ::2], np.full_like(x[:, ::2, ::2], 0.1)
+
+    def text(captions):
+        return np.asarray([[len(c)] for c in captions], np.float32)[:, None, :]
+
+    gate, errors = threading.Barrier(2), []
+
+    def process(p):
+        try:
+            build_latent_cache(_cfg(shards), images, text, tmp_path / "cache", 16, process_index=p, process_count=2,
+                               barrier=lambda name: gate.wait(timeout=60))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    cache = LatentCache(tmp_path / "cache")
+    numbers = sorted(int(cache[i]["caption"].split()[1]) for i in range(len(cache)))
+    assert numbers == list(range(200)) and cache.manifest["num_examples"] == 200

@@ -24,8 +24,9 @@ dpmpp_2m at 20 NFE; dark backgrounds, mean pixel ~0.29, the other side of the br
 white ones). The `samplers` variant trains two settings and evaluates every
 sampler (ddim, euler, heun, dpmpp_2m) at 10 / 20 / 50 NFE and ddim at 100 (72 images); both settings are
 also in the shapes grid, so with `--reuse_from` it only evaluates the shapes study's checkpoints. With zero terminal SNR
-and eps-prediction the first step cannot recover x0 (alpha = 0); the diffusion core clamps the final time, so
-such a run measures the failure Lin et al. 2023 predict rather than crashing.
+and eps-prediction an eps network cannot recover x0 at alpha = 0; the sampler then evaluates the first step at
+the next grid level (`diffusion.sampling`, the sampler matrix in the README), so such a run measures how well eps
+training covers the high-noise end rather than a sampler failure.
 """
 
 import os

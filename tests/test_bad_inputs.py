@@ -182,6 +182,8 @@ CASES = [
     ("sample-guidance-negative", (*TRAIN_LDM, "--workdir=w", "--config.sample.guidance_scale=-1"), 2,
      "sample.guidance_scale"),
     ("schedule-unknown", (*TRAIN_LDM, "--workdir=w", "--config.diffusion.schedule=cosin"), 2, "cosine"),
+    ("schedule-unsampleable-grid", (*TRAIN_LDM, "--workdir=w", "--config.diffusion.schedule=laplace"), 2,
+     "uniform time grid"),
     ("prediction-unknown", (*TRAIN_LDM, "--workdir=w", "--config.diffusion.prediction=noise"), 2, "prediction"),
     ("weighting-unknown", (*TRAIN_LDM, "--workdir=w", "--config.diffusion.weighting=min_snrr"), 2, "weighting"),
     ("text-encoder-unknown", (*TRAIN_LDM, "--workdir=w", "--config.model.text_encoder.name=t5"), 2,

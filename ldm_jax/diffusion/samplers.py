@@ -11,7 +11,8 @@ the grid's logSNR; the EDM view uses x~ = x / alpha and s = sigma / alpha = exp(
     euler            x~_s = x~_t + (s_s - s_t) eps  (EDM Alg. 1 step; optional churn as in diffusers)
     euler_ancestral  s_up = min(s_s, eta s_s sqrt(s_t^2 - s_s^2) / s_t), s_down = sqrt(s_s^2 - s_up^2),
                      x~_s = x~_t + (s_down - s_t) eps + s_up z                               (k-diffusion)
-    heun             EDM Algorithm 2 with churn: Euler to s_s, then the trapezoid correction unless s_s = 0
+    heun             EDM Algorithm 2 with churn: Euler to s_s, then the trapezoid correction unless s_s = 0;
+                     out of pure noise (the logSNR floor) the trapezoid on d(x~/s)/d(1/s) = x0 instead
     dpmpp_2m         DPM-Solver++(2M), midpoint form (Lu et al. 2022), lambda = logsnr / 2,
                      h = lambda_s - lambda_t:
                      x_s = sigma_s/sigma_t x - alpha_s expm1(-h) (D0 + D1 / 2), D1 = (D0 - D_prev) h / h_prev
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion._util import alpha_sigma_from_logsnr
-from ldm_jax.diffusion.grids import FINALS, STYLES, Grid
+from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, STYLES, Grid
 from ldm_jax.diffusion.grids import GRID_OPTIONS as GRID_OPTIONS  # re-exported beside SAMPLER_OPTIONS
 from ldm_jax.types import Array, ConfigError, check_choice, nearest
 
@@ -67,6 +68,10 @@ class Ctx(NamedTuple):
     num_steps: int
     first: int
     opts: Options
+
+
+# A grid point at (or, by rounding, a hair above) the logSNR floor is a pure-noise start.
+FLOOR_LEVEL = LOGSNR_FLOOR + 1e-3
 
 
 def _normal(key, x):
@@ -127,10 +132,14 @@ def _churn(ctx: Ctx, i, x_edm, key):
     return x_edm, t_hat, jnp.where(churned, -2.0 * jnp.log(sig_hat), l), sig_hat
 
 
-def _eps_edm(ctx: Ctx, x_edm, t, l):
-    """Evaluates the network on an EDM-scale sample; returns eps = dx~/ds of the probability-flow ODE."""
+def _model_edm(ctx: Ctx, x_edm, t, l):
+    """Evaluates the network on an EDM-scale sample; returns (x0, eps), eps = dx~/ds of the probability-flow ODE."""
     a, _ = alpha_sigma_from_logsnr(l)
-    return ctx.model(x_edm * a, t, l)[1]
+    return ctx.model(x_edm * a, t, l)
+
+
+def _eps_edm(ctx: Ctx, x_edm, t, l):
+    return _model_edm(ctx, x_edm, t, l)[1]
 
 
 def euler_step(ctx: Ctx, i, x, state, key):
@@ -153,16 +162,23 @@ def euler_ancestral_step(ctx: Ctx, i, x, state, key):
 
 
 def heun_step(ctx: Ctx, i, x, state, key):
+    """EDM Heun: the trapezoid rule on dx~/ds = eps. Out of pure noise (s at the logSNR floor, the start of a
+    zero-terminal-SNR grid) it takes the trapezoid on the same ODE written as d(x~/s)/d(1/s) = x0 instead,
+    x~_n = r x~ + (1 - r)(x0 + x0_n) / 2 with r = s_n / s: the s-form weighs the slope at s = 4096 over the
+    whole interval (an error of order s), the 1/s form stays second order (its interval 1/s_n is small)."""
     _, _, a, _ = _at(ctx, i)
     t_n, l_n, a_n, _ = _at(ctx, i + 1)
     sig_n = jnp.exp(-0.5 * l_n)
     x_edm, t_hat, l_hat, sig_hat = _churn(ctx, i, x / a, key)
-    d = _eps_edm(ctx, x_edm, t_hat, l_hat)
+    x0, d = _model_edm(ctx, x_edm, t_hat, l_hat)
     x_euler = x_edm + (sig_n - sig_hat) * d
+    from_noise = l_hat <= FLOOR_LEVEL
 
     def corrected(_):
-        d_n = _eps_edm(ctx, x_euler, t_n, l_n)
-        return x_edm + (sig_n - sig_hat) * 0.5 * (d + d_n)
+        x0_n, d_n = _model_edm(ctx, x_euler, t_n, l_n)
+        ratio = sig_n / sig_hat
+        data_form = ratio * x_edm + (1.0 - ratio) * 0.5 * (x0 + x0_n)
+        return jnp.where(from_noise, data_form, x_edm + (sig_n - sig_hat) * 0.5 * (d + d_n))
 
     x_next = jax.lax.cond(sig_n > 0, corrected, lambda _: x_euler, None)
     return x_next * a_n, state

@@ -14,12 +14,17 @@ evaluation (timestep and input) and every update match diffusers' DDIMScheduler 
 DDPMScheduler, EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, DPMSolverMultistep (dpmsolver++ and
 sde-dpmsolver++, midpoint) and UniPCMultistep (bh2). Known differences: diffusers' DDIM with ``linspace``
 spacing steps to timestep t - T // N instead of the next grid point (we always step to the next grid
-point); SD's DDIM config (``set_alpha_to_one=False``) is ``final="sigma_min"``.
+point); SD's DDIM config (``set_alpha_to_one=False``) is ``final="sigma_min"``; out of a zero-terminal-SNR
+start, heun's first step and eps networks' first x0 differ on purpose (below: diffusers' are off by O(1)).
 
 Logsnr floor: at a zero-terminal-SNR start alpha = 0. Samplers that divide by alpha (euler, euler_ancestral,
 heun, and ddim/ddpm with eps prediction) and dpmpp/unipc (as diffusers does) clamp the grid's logSNR to
-log(2^-24 / (1 - 2^-24)), i.e. sigma/alpha <= 4096, diffusers' choice. ddim/ddpm with v/x0/flow prediction
-use alpha = 0 exactly.
+log(2^-24 / (1 - 2^-24)), i.e. sigma/alpha <= 4096, diffusers' choice; the network still sees the grid's t.
+ddim/ddpm with v/x0/flow prediction use alpha = 0 exactly. Out of that pure-noise start, every sampler keeps
+its order (tests/diffusion/test_sampler_matrix.py): heun takes its trapezoid on d(x~/s)/d(1/s) = x0 there
+(`samplers.heun_step`), and an eps network, which says nothing about x0 at zero SNR, is evaluated at the next
+level instead (`eps_from_noise`). A uniform grid on a schedule it cannot resolve (untruncated laplace:
+`Schedule.uniform_grid_problem`) is refused.
 
 img2img (`init`, `strength`): as diffusers, the last int(N * strength) steps of the N-step grid are run,
 starting from x = alpha init + sigma noise at the first of them. Inpainting (`mask`, `known`): after every
@@ -38,15 +43,14 @@ import jax.numpy as jnp
 
 from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, combine, partition
-from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, SD_SPACINGS, SPACINGS, Grid, time_grid
+from ldm_jax.diffusion.grids import FINALS, LOGSNR_FLOOR, SD_SPACINGS, SPACINGS, STYLES, Grid, time_grid
 from ldm_jax.diffusion.parametrization import PREDICTIONS, to_x0_eps
 from ldm_jax.types import Array, ConfigError, DenoiseFn, PRNGKey, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
 class _GridConfig:
-    sampler: str
-    prediction: str
+    style: str  # the sampler's grid style (only the SD spacings read it)
     num_steps: int
     spacing: str
     final: str
@@ -67,12 +71,11 @@ class _LoopConfig:
 
 
 def _grid(schedule, cfg: _GridConfig) -> Grid:
-    spec = samplers_lib.SAMPLER_SPECS[cfg.sampler]
-    grid = time_grid(
+    return time_grid(
         schedule,
         cfg.num_steps,
         cfg.spacing,
-        style=spec.grid_style,
+        style=cfg.style,
         final=cfg.final,
         rho=cfg.rho,
         sigma_min=cfg.sigma_min,
@@ -80,9 +83,6 @@ def _grid(schedule, cfg: _GridConfig) -> Grid:
         t_max=cfg.t_max,
         steps_offset=cfg.steps_offset,
     )
-    if not spec.floors_logsnr(cfg.prediction):
-        return grid
-    return Grid(grid.t, jnp.maximum(grid.logsnr, LOGSNR_FLOOR))
 
 
 @functools.partial(jax.jit, static_argnames=("static", "cfg"))
@@ -104,11 +104,15 @@ def sampling_grid(
     t_max: float = 1.0,
     steps_offset: int = 1,
 ) -> Grid:
-    """The Grid (t, logsnr) that `sample` walks for these settings, logSNR floor included."""
-    samplers_lib.sampler_spec(sampler)
+    """The Grid (t, logsnr) that `sample` walks for these settings, logSNR floor included.
+
+    Compiled once per (grid style, num_steps, spacing, final, static schedule settings): every sampler and
+    prediction that shares those shares the compiled grid; the floor (`SamplerSpec.floors_logsnr`) is applied
+    outside it.
+    """
+    spec = samplers_lib.sampler_spec(sampler)
     cfg = _GridConfig(
-        sampler,
-        prediction,
+        spec.grid_style if spacing in SD_SPACINGS else STYLES[0],
         int(num_steps),
         spacing,
         final,
@@ -119,7 +123,10 @@ def sampling_grid(
         int(steps_offset),
     )
     dynamic, static = partition(schedule)
-    return _grid_jit(dynamic, static, cfg=cfg)
+    grid = _grid_jit(dynamic, static, cfg=cfg)
+    if not spec.floors_logsnr(prediction):
+        return grid
+    return Grid(grid.t, jnp.maximum(grid.logsnr, LOGSNR_FLOOR))
 
 
 def make_model(denoise_fn, prediction: str, batch: int):
@@ -133,11 +140,37 @@ def make_model(denoise_fn, prediction: str, batch: int):
     return model
 
 
+def eps_from_noise(model, grid: Grid, first: int):
+    """Wraps `make_model` for eps-prediction so that a step out of pure noise gets an informative x0.
+
+    At zero SNR an eps network sees x_t = eps and says nothing about x0 (x0 = (x - sigma eps) / alpha is 0 / 0;
+    at the floored alpha = 2^-12 it is the network's error times 4096). A call at the logSNR floor therefore
+    evaluates the network at the next grid level on the noise part of the next state, sigma_1 x, and returns
+    that x0 (with the eps it implies at the floor): the first step becomes the one-iteration backward-Euler
+    step x_1 = sigma_1 x + alpha_1 D(sigma_1 x, t_1), whose local error O(alpha_1^2) is that of a forward step
+    with an x0 or v network, so every sampler keeps its order. One network call either way.
+    """
+    t_1, l_1 = grid.t[first + 1], grid.logsnr[first + 1]
+    _, sigma_1 = alpha_sigma_from_logsnr(l_1)
+
+    def wrapped(x, t, logsnr):
+        noise = logsnr <= samplers_lib.FLOOR_LEVEL
+        x0, eps = model(
+            jnp.where(noise, sigma_1 * x, x), jnp.where(noise, t_1, t), jnp.where(noise, l_1, logsnr)
+        )
+        alpha, sigma = alpha_sigma_from_logsnr(logsnr)
+        return x0, jnp.where(noise, (x - alpha * x0) / sigma, eps)
+
+    return wrapped
+
+
 @functools.partial(jax.jit, static_argnames=("static", "cfg"))
 def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConfig):
     """The sampling loop; the grid is an input, so spacing / final / rho changes do not recompile it."""
     denoise_fn, schedule = combine(dynamic, static)
     model = make_model(denoise_fn, cfg.prediction, noise.shape[0])
+    if cfg.prediction == "eps":
+        model = eps_from_noise(model, grid, cfg.first)
     ctx = samplers_lib.Ctx(model, grid, schedule, cfg.num_steps, cfg.first, cfg.opts)
     spec = samplers_lib.SAMPLER_SPECS[cfg.sampler]
 
@@ -176,6 +209,27 @@ def _check_options(prediction, spacing, final, num_steps, strength, variance, sc
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
     if spacing in SD_SPACINGS and schedule.num_train_timesteps is None:
         raise ConfigError(f"'{spacing}' spacing needs a discrete schedule; use uniform, karras or logsnr")
+
+
+def _check_schedule(schedule, spacing: str) -> None:
+    """Refuses a uniform grid on a schedule it cannot resolve (`Schedule.uniform_grid_problem`)."""
+    problem = getattr(schedule, "uniform_grid_problem", lambda: None)() if spacing == "uniform" else None
+    if problem:
+        raise ConfigError(f"{problem}: use spacing='logsnr' or 'karras', whose steps follow the noise level, not t")
+
+
+def _check_single_step_from_noise(grid: Grid, prediction: str, first: int, num_steps: int) -> None:
+    """eps-prediction out of pure noise takes x0 from the next level (`eps_from_noise`); with one step that is
+    the target itself, where an eps network says nothing either. Checked when the grid is concrete."""
+    if prediction != "eps" or num_steps - first != 1:
+        return
+    with jax.ensure_compile_time_eval():
+        start = grid.logsnr[first]
+    if not isinstance(start, jax.core.Tracer) and float(start) <= samplers_lib.FLOOR_LEVEL:
+        raise ConfigError(
+            "one step from zero SNR with prediction='eps' has no level at which the network sees x0: "
+            "use num_steps >= 2 or a v / x0 / flow network"
+        )
 
 
 def _prepare_arrays(noise, init, mask, known):
@@ -239,6 +293,7 @@ def sample(
     """
     spec = samplers_lib.sampler_spec(sampler)
     _check_options(prediction, spacing, final, num_steps, strength, variance, schedule)
+    _check_schedule(schedule, spacing)
     samplers_lib.check_sampler_options(
         sampler, eta=eta, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, variance=variance
     )
@@ -272,6 +327,7 @@ def sample(
         t_max=t_max,
         steps_offset=steps_offset,
     )
+    _check_single_step_from_noise(grid, prediction, first, num_steps)
     dynamic, static = partition((denoise_fn, schedule))
     cfg = _LoopConfig(sampler, prediction, num_steps, first, opts)
     return _run(dynamic, static, grid, noise, rng if stochastic else None, init, mask, known, cfg=cfg)

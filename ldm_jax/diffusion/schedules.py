@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion._util import alpha_sigma_from_logsnr, expand_like, pytree_dataclass
+from ldm_jax.diffusion.grids import LOGSNR_FLOOR
 from ldm_jax.types import Array, ConfigError, PRNGKey, PyTree, check_choice
 
 CONTINUOUS_TIMESTEP_SCALE = 1000.0
@@ -84,6 +85,16 @@ class Schedule:
     def t_of_timestep(self, n) -> Array:
         return _float(n) / CONTINUOUS_TIMESTEP_SCALE
 
+    def uniform_grid_problem(self) -> str | None:
+        """Why an N-step grid uniform in t cannot sample this schedule (None: it can).
+
+        Every sampler ends with a first-order jump from t_max / N to sigma = 0 (error ~ sigma_edm^2 there) and
+        starts with a step out of pure noise (error ~ alpha(t_1)^2); where sigma_edm^2 vanishes slower than t
+        near t = 0, or alpha^2 slower than 1 - t near t = 1, those errors shrink slower than 1 / N and no sampler
+        reaches even first order on a uniform grid.
+        """
+        return None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Discrete (table) schedules.
@@ -129,9 +140,14 @@ class DiscreteSchedule(Schedule):
         return (_float(n) + 1.0) / self.num_train_timesteps
 
     def _sigma_ext(self) -> tuple[Array, Array]:
+        """(logsnr, sigma_edm) at n = -1 .. T-1; a zero-SNR end's sigma = inf is interpolated towards as
+        max(4096, sigma_{T-2}) (`grids.LOGSNR_FLOOR`, diffusers' 2^-24 stand-in), so every sigma below that is
+        reached at some t < 1 and logSNR / karras grids get a consistent t; t = 1 itself keeps logsnr = -inf."""
         table = jnp.asarray(self.logsnr_table, dtype=jnp.result_type(float))
         logsnr_ext = jnp.concatenate([jnp.full((1,), jnp.inf, table.dtype), table])  # n = -1 .. T-1
-        return logsnr_ext, jnp.exp(-0.5 * logsnr_ext)
+        sig = jnp.exp(-0.5 * logsnr_ext)
+        stand_in = jnp.maximum(math.exp(-0.5 * LOGSNR_FLOOR), sig[-2])
+        return logsnr_ext, jnp.where(jnp.isinf(sig), stand_in, sig)
 
     def logsnr(self, t) -> Array:
         num = self.num_train_timesteps
@@ -141,8 +157,8 @@ class DiscreteSchedule(Schedule):
         w = n - k
         i = (k + 1).astype(jnp.int32)
         lo, hi = sig[i], sig[i + 1]
-        interp = jnp.where(w == 0, lo, lo + w * (hi - lo))  # `where` keeps 0 * inf out at a zero-SNR end
-        return jnp.where(w == 0, logsnr_ext[i], -2.0 * jnp.log(interp))
+        interp = -2.0 * jnp.log(lo + w * (hi - lo))
+        return jnp.where(w == 0, logsnr_ext[i], jnp.where(w == 1, logsnr_ext[i + 1], interp))
 
     def t_from_logsnr(self, logsnr) -> Array:
         num = self.num_train_timesteps
@@ -269,7 +285,19 @@ class Laplace(_Analytic):
     logsnr_max: float | None = None
 
     def _raw_logsnr(self, t):
-        return self.mu - self.b * jnp.sign(0.5 - t) * jnp.log1p(-2.0 * jnp.abs(t - 0.5))
+        # 1 - 2|t - 0.5| = 2 min(t, 1 - t), formed without rounding t ~ 1e-8 (logsnr spacing's clean end) to 0
+        return self.mu - self.b * jnp.sign(0.5 - t) * jnp.log(2.0 * jnp.minimum(t, 1.0 - t))
+
+    def uniform_grid_problem(self) -> str | None:
+        """Untruncated, sigma_edm^2 ~ e^-mu (2t)^b near t = 0 and alpha^2 ~ e^mu (2(1 - t))^b near t = 1."""
+        if self.b >= 1.0 or (self.logsnr_min is not None and self.logsnr_max is not None):
+            return None
+        sigma_50 = math.exp(-0.5 * (self.mu - self.b * math.log(2.0 / 50)))  # sigma_edm at t = 1/50
+        return (
+            f"the laplace schedule (b={self.b:g}) has sigma_edm^2 ~ t^{self.b:g} near t = 0 and alpha^2 ~ "
+            f"(1 - t)^{self.b:g} near t = 1, so on a grid uniform in t every sampler converges at order "
+            f"{self.b:g} < 1 (at 50 steps the last step still jumps from sigma_edm = {sigma_50:.2f} to 0)"
+        )
 
     def _raw_t(self, logsnr):
         z = (logsnr - self.mu) / self.b
@@ -334,6 +362,9 @@ class _Wrapper(Schedule):
 
     def t_of_timestep(self, n):
         return self.inner.t_of_timestep(n)
+
+    def uniform_grid_problem(self):
+        return self.inner.uniform_grid_problem()
 
 
 @pytree_dataclass(data_fields=("inner",))
@@ -481,6 +512,9 @@ _BUILDERS = {
     "flow": Flow,
     "learned": LearnedSchedule,
 }
+
+# The names `get_schedule` builds.
+SCHEDULES = tuple(_BUILDERS)
 
 
 def get_schedule(name: str, *, shift: float = 1.0, zero_snr: bool = False, **kwargs) -> Schedule:

@@ -94,10 +94,17 @@ def check_sections(config) -> None:
     if stage == "ldm":
         from ldm_jax.ldm import SampleConfig, build
 
-        SampleConfig.from_config(config.sample)
+        sample = SampleConfig.from_config(config.sample)
         dc = build.diffusion_config(config.diffusion)
         if not dc.learned:
-            dc.check(build.schedule(config.diffusion))
+            schedule = build.schedule(config.diffusion)
+            dc.check(schedule)
+            evaluates = "eval" in config and int(config.eval.get("every_steps", 0) or 0) > 0
+            problem = schedule.uniform_grid_problem() if schedule.num_train_timesteps is None else None
+            if problem and (sample.every_steps > 0 or evaluates):
+                raise ConfigError(f"the training grids and evaluations sample on a uniform time grid, and {problem}: "
+                                  "set sample.every_steps=0 and eval.every_steps=0 (then sample with ldm-jax sample "
+                                  "--spacing=logsnr), or truncate the schedule (diffusion.logsnr_min/logsnr_max)")
         build.TextEncoderConfig.from_config(build.section(config.model.text_encoder))
         if not build.section(config.model.unet).get("pretrained"):
             build.unet_config(config.model.unet)

@@ -1,6 +1,7 @@
 """The latent-diffusion stage as several processes through jax.distributed (gloo on CPU), with FSDP groups that
 span processes, the latent cache built by all of them, sample grids and evaluation callbacks on; and an
-elastic resume: killed as 2 processes x 4 devices, continued as 1 x 8, then as 4 x 2.
+elastic resume: killed as 2 processes x 4 devices (data=1 x fsdp=8), continued as 1 x 8, then as 4 processes x
+2 devices with data=2 x fsdp=4 (each FSDP group spans two processes).
 
 Reference: the same config trained uninterrupted in this process on 8 devices. Steps see the same global
 batches in the same row order whatever the process count (ldm_jax.data.pipeline), so the losses agree to
@@ -33,6 +34,17 @@ def _overrides(data_dir, ae_dir, data, fsdp, extra=()):
     return {"data.data_dir": str(data_dir), "model.vae.workdir": str(ae_dir), "train.num_steps": STEPS,
             "checkpoint.every_steps": 2, "train.log_every_steps": 1, "data.latent_cache": "auto",
             "sample.every_steps": 0, "mesh.data": data, "mesh.fsdp": fsdp, **dict(extra)}
+
+
+def _config(data_dir, ae_dir, data, fsdp, extra=()):
+    cfg = load_config(f"{LDM_CFG}:tiny")
+    for key, value in _overrides(data_dir, ae_dir, data, fsdp, extra).items():
+        *sections, field = key.split(".")
+        node = cfg
+        for name in sections:
+            node = node[name]
+        node[field] = value
+    return cfg
 
 
 def _free_port() -> int:
@@ -85,14 +97,7 @@ def setup(tmp_path_factory):
     ae_cfg = load_config(f"{AE_CFG}:tiny")
     ae_cfg.data.data_dir, ae_cfg.train.num_steps = str(data), 4
     run(ae_cfg, str(ae))
-    cfg = load_config(f"{LDM_CFG}:tiny")
-    for key, value in _overrides(data, ae, 1, 8).items():
-        *sections, field = key.split(".")
-        node = cfg
-        for name in sections:
-            node = node[name]
-        node[field] = value
-    state = run(cfg, str(root / "reference"))
+    state = run(_config(data, ae, 1, 8), str(root / "reference"))
     losses = [r["loss"] for r in read_metrics(str(root / "reference")) if "loss" in r]
     return root, data, ae, losses, jax.device_get(state.params)
 
@@ -127,17 +132,18 @@ def test_two_processes_with_fsdp_across_them_grids_and_eval_match_one_process(se
 def test_killed_on_two_processes_resumes_on_one_then_on_four(setup, subprocess_env, reap, tmp_path):
     root, data, ae, ref_losses, ref_params = setup
     workdir = tmp_path / "elastic"
-    # 1. 2 processes x 4 devices, data=2 x fsdp=4: SIGKILL both once step 2 is saved
-    procs = _launch(workdir, _overrides(data, ae, 2, 4), 2, 4, subprocess_env, reap, tmp_path)
+    # 1. 2 processes x 4 devices, data=1 x fsdp=8 (the program of the test above: its compiled step is cached):
+    #    SIGKILL both once step 2 is saved
+    procs = _launch(workdir, _overrides(data, ae, 1, 8), 2, 4, subprocess_env, reap, tmp_path)
     assert _wait_for(lambda: checkpoint_steps(str(workdir)), procs), _tails(tmp_path)
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
     killed = checkpoint_steps(str(workdir))[-1]
     assert killed < STEPS
-    # 2. 1 process x 8 devices, the same mesh shape, one more step (saves and stops after it: train.stop_at_step)
-    stop = {"train.stop_at_step": killed + 1}
-    _wait(_launch(workdir, _overrides(data, ae, 2, 4, stop), 1, 8, subprocess_env, reap, tmp_path), tmp_path)
+    # 2. 1 process x 8 devices (this one, the reference's program), one more step: it saves and stops after it
+    cfg = _config(data, ae, 1, 8, {"train.stop_at_step": killed + 1})
+    run(cfg, str(workdir))
     assert checkpoint_steps(str(workdir))[-1] == killed + 1
     # 3. 4 processes x 2 devices (each FSDP group of 4 spans two processes) to the end
     _wait(_launch(workdir, _overrides(data, ae, 2, 4), 4, 2, subprocess_env, reap, tmp_path), tmp_path)

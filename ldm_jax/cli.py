@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": "convert weights: diffusers / HF CLIP / CompVis single-file <-> ldm_jax",
     "sweep": "run an ablation sweep: --config=configs/ablation_X.py --workdir=DIR",
     "demo": "the main job: shapes dataset -> autoencoder -> text-to-image LDM -> samples -> scores",
+    "plan": "per-device memory and FLOPs of a config's train step on N devices: --config=... --devices=N --mesh=...",
 }
 
 

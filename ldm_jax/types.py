@@ -104,3 +104,17 @@ def _freeze(v: Any) -> Any:
     if isinstance(v, dict):
         return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
     return v
+
+
+def env_int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int | None:
+    """The integer in environ[name] (None when unset or empty); a one-line ConfigError naming it otherwise."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise ConfigError(f"{name}={number} must be >= {minimum}")
+    return number

@@ -16,30 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ldm_jax.types import ConfigError
+from ldm_jax.types import ConfigError, env_int
 
 ARRAY_SIZE_VAR = "LDM_JAX_ARRAY_SIZE"
 
 
-def _int(environ: Mapping[str, str], name: str) -> int | None:
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer") from None
-    if number < 0:
-        raise ConfigError(f"{name}={number} must be >= 0")
-    return number
-
-
 def _slurm(environ: Mapping[str, str]) -> tuple[int, int]:
-    task = _int(environ, "SLURM_ARRAY_TASK_ID")
-    low = _int(environ, "SLURM_ARRAY_TASK_MIN") or 0
-    high = _int(environ, "SLURM_ARRAY_TASK_MAX")
-    step = _int(environ, "SLURM_ARRAY_TASK_STEP") or 1
-    count = _int(environ, "SLURM_ARRAY_TASK_COUNT")
+    task = env_int(environ, "SLURM_ARRAY_TASK_ID")
+    low = env_int(environ, "SLURM_ARRAY_TASK_MIN") or 0
+    high = env_int(environ, "SLURM_ARRAY_TASK_MAX")
+    step = env_int(environ, "SLURM_ARRAY_TASK_STEP") or 1
+    count = env_int(environ, "SLURM_ARRAY_TASK_COUNT")
     if count is None and high is None:
         raise ConfigError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX "
                           "is: give --host_index and --num_hosts instead")
@@ -55,8 +42,8 @@ def _slurm(environ: Mapping[str, str]) -> tuple[int, int]:
 
 
 def _kubernetes(environ: Mapping[str, str]) -> tuple[int, int]:
-    index = _int(environ, "JOB_COMPLETION_INDEX")
-    count = _int(environ, ARRAY_SIZE_VAR)
+    index = env_int(environ, "JOB_COMPLETION_INDEX")
+    count = env_int(environ, ARRAY_SIZE_VAR)
     if count is None:
         raise ConfigError(f"JOB_COMPLETION_INDEX is set but {ARRAY_SIZE_VAR} is not: set it to the indexed Job's "
                           "`completions` (or give --host_index and --num_hosts)")

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax.types import ConfigError, PyTree
+from ldm_jax.types import ConfigError, PyTree, env_int
 
 logger = logging.getLogger("ldm_jax.training")
 
@@ -283,20 +283,6 @@ def _expand_ranges(body: str) -> list[str]:
     return out
 
 
-def _int_var(environ: Mapping[str, str], name: str, minimum: int = 0) -> int | None:
-    """The integer in environ[name] (None when unset or empty); a one-line ConfigError naming it otherwise."""
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer") from None
-    if number < minimum:
-        raise ConfigError(f"{name}={number} must be >= {minimum}")
-    return number
-
-
 def _check_id(process_id: int, num_processes: int, id_name: str, count_name: str) -> None:
     if not 0 <= process_id < num_processes:
         raise ConfigError(f"{id_name}={process_id} must be in [0, {count_name}={num_processes})")
@@ -311,7 +297,7 @@ def _check_address(address: str, name: str) -> str:
 
 def _port(environ: Mapping[str, str], default: int) -> int:
     for name in PORT_VARS:
-        port = _int_var(environ, name, minimum=1)
+        port = env_int(environ, name, minimum=1)
         if port is not None:
             if port > 65535:
                 raise ConfigError(f"{name}={port} is not a port (1-65535)")
@@ -336,8 +322,8 @@ def _from_arguments(environ, coordinator_address, num_processes, process_id) -> 
         return None
     # what the arguments leave out may come from the JAX_* variables (as jax.distributed.initialize reads them)
     coordinator = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
-    count = num_processes if num_processes is not None else _int_var(environ, "JAX_NUM_PROCESSES", 1)
-    index = process_id if process_id is not None else _int_var(environ, "JAX_PROCESS_ID")
+    count = num_processes if num_processes is not None else env_int(environ, "JAX_NUM_PROCESSES", 1)
+    index = process_id if process_id is not None else env_int(environ, "JAX_PROCESS_ID")
     for value, name in ((coordinator, "coordinator_address"), (count, "num_processes"), (index, "process_id")):
         if value is None:
             raise ConfigError(f"multi-process arguments without {name}: give all of coordinator_address, "
@@ -353,7 +339,7 @@ def _from_jax_vars(environ) -> ProcessLayout | None:
         return None
     if missing := [n for n in names if n not in present]:
         raise ConfigError(f"{missing[0]} is not set but {present[0]} is: set all of {', '.join(names)}")
-    count, index = _int_var(environ, names[1], 1), _int_var(environ, names[2])
+    count, index = env_int(environ, names[1], 1), env_int(environ, names[2])
     _check_id(index, count, names[2], names[1])
     return ProcessLayout("JAX_*", _check_address(environ[names[0]].strip(), names[0]), count, index)
 
@@ -363,15 +349,15 @@ def _from_slurm(environ) -> ProcessLayout | None:
     if not environ.get("SLURM_JOB_ID", "").strip():
         return None
     count_name = "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS", "").strip() else "SLURM_NTASKS"
-    count = _int_var(environ, count_name, 1)
+    count = env_int(environ, count_name, 1)
     if count is None or count == 1:
         return None  # one task (or an allocation's shell, a batch script without --ntasks): nothing to join
-    index = _int_var(environ, "SLURM_PROCID")
+    index = env_int(environ, "SLURM_PROCID")
     if index is None:
         raise ConfigError(f"SLURM_PROCID is not set but {count_name}={count}: start the {count} processes with "
                           f"srun (or set {DISTRIBUTED_VAR}=off to run a single process)")
     _check_id(index, count, "SLURM_PROCID", count_name)
-    local = _int_var(environ, "SLURM_LOCALID")
+    local = env_int(environ, "SLURM_LOCALID")
     if local is None:
         raise ConfigError(f"SLURM_LOCALID is not set but {count_name}={count}: start the processes with srun")
     list_name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
@@ -383,7 +369,7 @@ def _from_slurm(environ) -> ProcessLayout | None:
         nodes = expand_hostlist(environ[list_name].strip())
     except ValueError as e:
         raise ConfigError(f"{list_name}={environ[list_name]!r} is not a Slurm host list: {e}") from None
-    port = _port(environ, SLURM_PORT_BASE + _int_var(environ, "SLURM_JOB_ID") % 12000)
+    port = _port(environ, SLURM_PORT_BASE + env_int(environ, "SLURM_JOB_ID") % 12000)
     # several tasks on a node: one accelerator each, the node-local task index (JAX's own SLURM convention)
     ids = (local,) if count > len(nodes) else None
     return ProcessLayout("slurm", f"{nodes[0]}:{port}", count, index, ids)
@@ -395,13 +381,13 @@ def _from_tpu(environ) -> ProcessLayout | None:
                       None)
     if hosts_name is None and not environ.get("MEGASCALE_COORDINATOR_ADDRESS", "").strip():
         return None
-    slices = _int_var(environ, "MEGASCALE_NUM_SLICES", 1) or 1
-    slice_id = _int_var(environ, "MEGASCALE_SLICE_ID") or 0
+    slices = env_int(environ, "MEGASCALE_NUM_SLICES", 1) or 1
+    slice_id = env_int(environ, "MEGASCALE_SLICE_ID") or 0
     _check_id(slice_id, slices, "MEGASCALE_SLICE_ID", "MEGASCALE_NUM_SLICES")
     if hosts_name is None:  # the slice's hosts come from the TPU metadata: JAX reads them
         return ProcessLayout("tpu", None, None, None)
     hosts = [h for h in environ[hosts_name].split(",") if h.strip()]
-    worker = _int_var(environ, "TPU_WORKER_ID")
+    worker = env_int(environ, "TPU_WORKER_ID")
     if worker is None and len(hosts) > 1:
         raise ConfigError(f"TPU_WORKER_ID is not set but {hosts_name} lists {len(hosts)} hosts")
     _check_id(worker or 0, len(hosts), "TPU_WORKER_ID", f"the number of hosts in {hosts_name}")
@@ -413,10 +399,10 @@ def _from_kubernetes(environ) -> ProcessLayout | None:
     """A pod of an indexed Job (or JobSet) with LDM_JAX_NUM_PROCESSES set: process JOB_COMPLETION_INDEX."""
     if not environ.get("JOB_COMPLETION_INDEX", "").strip():
         return None
-    count = _int_var(environ, "LDM_JAX_NUM_PROCESSES", 1)
+    count = env_int(environ, "LDM_JAX_NUM_PROCESSES", 1)
     if count is None or count == 1:
         return None  # pods of an indexed Job that train one process each (a sweep's job array)
-    index = _int_var(environ, "JOB_COMPLETION_INDEX")
+    index = env_int(environ, "JOB_COMPLETION_INDEX")
     _check_id(index, count, "JOB_COMPLETION_INDEX", "LDM_JAX_NUM_PROCESSES")
     given = environ.get("LDM_JAX_COORDINATOR", "").strip()
     if given:

@@ -114,10 +114,9 @@ def table(args) -> dict:
                    "state_bytes": sb}
             for variant, cal in cals.items():
                 row[variant] = {
-                    "memory": pl.memory_model(sb, cal, per_chip, 1, fsdp, "bfloat16"),
+                    "memory": pl.memory_model(sb, cal, per_chip, 1),
                     "flops": pl.flops_model(cal, per_chip, per_chip * chips, fsdp),
-                    "largest_batch": {hw: pl.largest_batch(sb, cal, gib * pl.GIB, 1, fsdp, "bfloat16")
-                                      for hw, gib in HBM.items()}}
+                    "largest_batch": {hw: pl.largest_batch(sb, cal, gib * pl.GIB, 1) for hw, gib in HBM.items()}}
             rows.append(row)
         out["models"][name] = {"param_count": sb["param_count"], "context": list(context), "calibration": cals,
                                "rows": rows}
@@ -125,7 +124,7 @@ def table(args) -> dict:
             one = pl.state_bytes(setup, pl.abstract_mesh(1, 1))
             out["sd15_one_h100"] = [
                 {"batch": b, "measured_gib": H100_SD15[b],
-                 "planned_cpu_calibrated_gib": (pl.memory_model(one, cals["no_remat"], b, 1, 1, "bfloat16")["total"]
+                 "planned_cpu_calibrated_gib": (pl.memory_model(one, cals["no_remat"], b, 1)["total"]
                                                 - one["ema"]) / pl.GIB} for b in sorted(H100_SD15)]
             emit({"sd15_one_h100": out["sd15_one_h100"]})
     return out

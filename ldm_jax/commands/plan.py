@@ -90,7 +90,7 @@ MEMORY_ROWS = (("params", "parameters (float32)", "exact"), ("gradients", "gradi
                ("optimizer", "optimizer (AdamW moments)", "exact"), ("ema", "EMA parameters", "exact"),
                ("extra", "stage state (extra)", "exact"), ("frozen", "frozen arrays", "exact"),
                ("batch", "batch", "exact"), ("activations", "activations", "calibrated"),
-               ("gathered_params", "gathered parameters (FSDP)", "modelled"),
+               ("full_gradients", "whole gradient before reduce-scatter", "modelled"),
                ("grad_accumulator", "gradient accumulator", "modelled"),
                ("update_temporaries", "update temporaries (4 x gradients)", "modelled"),
                ("temp", "temporaries = max(update, backward)", "modelled"), ("total", "total", "modelled"))
@@ -111,7 +111,7 @@ def render(res: dict) -> str:
              f"{'per device':<40}" + "".join(f"{n.replace('_', ' '):>14}" for n in names) + "   source"]
     for key, label, source in MEMORY_ROWS:
         values = [variants[n]["memory"][key] for n in names]
-        if key in ("extra", "frozen", "gathered_params", "grad_accumulator") and not any(values):
+        if key in ("extra", "frozen", "grad_accumulator") and not any(values):
             continue
         lines.append(f"  {label:<38}" + "".join(f"{size(v):>14}" for v in values) + f"   {source}")
     per_ex = [variants[n]["calibration"] for n in names]

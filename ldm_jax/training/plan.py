@@ -24,13 +24,15 @@ FLOPs of one step, and the largest per-device batch that fits `hbm_gib`. Every f
   (recomputing it in the backward pass) and its schedule keeps remat's recomputed activations about as long as
   the stored ones would live, so a CPU calibration approximates an accelerator: run the planner on one chip of
   the target for its figures. (On GPU, cuDNN attention is a custom call the lowered cost analysis does not count.)
-* **modelled** — ``temp = max(4 G, G + A + W + act(b / k))`` with G the gradient bytes per device, A = G when
-  gradients are accumulated over k > 1 micro-batches, W the whole float32 parameters that FSDP gathers when the
-  calibration mesh did not shard them. The first term is the update: the gradient, the two new Adam moments and
-  the update are all alive until the non-finite guard has seen the update's norm (``steps.make_train_step``
-  keeps the old state until then); the second is the backward pass. Total per device = state + frozen arrays +
-  batch + temp (the outputs alias the donated state). FLOPs per device = ``f_ex * b + f_update / fsdp`` (the
-  update runs on each device's parameter shard, replicated over data).
+* **modelled** — ``temp = max(4 G, G_full + A + act(b / k))`` with G the gradient bytes per device, G_full the
+  whole gradient's and A = G when gradients are accumulated over k > 1 micro-batches. The first term is the
+  update: the gradient, the two new Adam moments and the update are all alive until the non-finite guard has
+  seen the update's norm (``steps.make_train_step`` keeps the old state until then). The second is the backward
+  pass: every device forms the whole float32 gradient (a partial sum over its examples) before it is
+  reduce-scattered to the device's shard under FSDP (all-reduced without), and XLA defers and combines those
+  reduce-scatters, so the whole size counts. Total per device = state + frozen arrays + batch + temp (the outputs
+  alias the donated state). FLOPs per device = ``f_ex * b + f_update / fsdp`` (the update runs on each device's
+  parameter shard, replicated over data).
 * **compiled** — when this machine has the devices (e.g. forced host CPU devices), the real sharded step is
   compiled too: XLA's memory analysis is then the reported total (the model stays beside it, with their ratio)
   and the largest batch extrapolates from it with the calibrated slope.
@@ -384,26 +386,16 @@ def compile_real(setup: Setup, data: int, fsdp: int, global_batch: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def gathered_params(sb: dict, cal: dict, fsdp: int, dtype: str) -> int:
-    """Under FSDP each device gathers the whole parameters for the forward and backward passes. A calibration
-    with fsdp > 1 holds them already; one on an unsharded mesh holds the compute-dtype copy too unless the compute
-    dtype is the parameters' float32 (then the arguments serve and the gathered copy must be added)."""
-    if fsdp == 1 or cal["mesh"]["fsdp"] > 1 or dtype != "float32":
-        return 0
-    return sb["param_bytes_global"]
-
-
-def memory_model(sb: dict, cal: dict, per_device_batch: int, grad_accum: int, fsdp: int, dtype: str) -> dict:
+def memory_model(sb: dict, cal: dict, per_device_batch: int, grad_accum: int) -> dict:
     """Per-device bytes of one step (module docstring): exact state and batch, modelled temporaries."""
     micro = per_device_batch / grad_accum
-    grads = sb["gradients"]
+    grads, full = sb["gradients"], sb["param_bytes_global"]
     act = max(cal["activation_bytes_fixed"] + cal["activation_bytes_per_example"] * micro, 0.0)
     accum = grads if grad_accum > 1 else 0
-    gathered = gathered_params(sb, cal, fsdp, dtype)
-    update, backward = UPDATE_BUFFERS * grads, grads + accum + gathered + act
+    update, backward = UPDATE_BUFFERS * grads, full + accum + act
     out = {"params": sb["params"], "gradients": grads, "optimizer": sb["optimizer"], "ema": sb["ema"],
            "extra": sb["extra"], "counters": sb["counters"], "frozen": sb["frozen"],
-           "batch": sb["batch_per_example"] * per_device_batch, "activations": act, "gathered_params": gathered,
+           "batch": sb["batch_per_example"] * per_device_batch, "activations": act, "full_gradients": full,
            "grad_accumulator": accum, "update_temporaries": update, "temp": max(update, backward)}
     out["total"] = _fixed(sb) + out["batch"] + out["temp"]
     return {k: int(round(v)) for k, v in out.items()}
@@ -413,13 +405,12 @@ def _fixed(sb: dict) -> int:
     return sum(sb[k] for k in ("params", "optimizer", "ema", "extra", "counters", "frozen"))
 
 
-def largest_batch(sb: dict, cal: dict, hbm_bytes: float, grad_accum: int, fsdp: int, dtype: str,
-                  offset: float = 0.0) -> int:
+def largest_batch(sb: dict, cal: dict, hbm_bytes: float, grad_accum: int, offset: float = 0.0) -> int:
     """The largest per-device batch (a multiple of `grad_accum`) whose modelled total (+ `offset`, e.g. the
     compiled program's excess over the model) fits `hbm_bytes`."""
     grads, per_ex = sb["gradients"], sb["batch_per_example"]
     s, c = cal["activation_bytes_per_example"] / grad_accum, cal["activation_bytes_fixed"]
-    fixed_backward = grads + (grads if grad_accum > 1 else 0) + gathered_params(sb, cal, fsdp, dtype) + c
+    fixed_backward = sb["param_bytes_global"] + (grads if grad_accum > 1 else 0) + c
     room_update = hbm_bytes - offset - _fixed(sb) - UPDATE_BUFFERS * grads
     room_backward = hbm_bytes - offset - _fixed(sb) - fixed_backward
     if room_update < 0 or room_backward < 0 or per_ex + s <= 0:
@@ -467,15 +458,15 @@ def plan_variant(config, *, data: int, fsdp: int, remat: bool, hbm_bytes: float,
     """Calibration, memory, FLOPs and largest batch of `config` with ``train.remat = remat`` on a data x fsdp mesh."""
     setup = make_setup(_override(config, **{"train.remat": remat}), context=context)
     devices, global_batch = data * fsdp, int(config.data.batch_size)
-    grad_accum, dtype = setup.step_cfg.grad_accum, setup.step_cfg.dtype
+    grad_accum = setup.step_cfg.grad_accum
     per_device = global_batch // devices
     available = len(jax.devices()) if calibration_devices is None else min(calibration_devices, len(jax.devices()))
     cal = calibrate(setup, batches or calibration_batches(per_device // grad_accum),
                     calibration_mesh(data, fsdp, available))
     sb = state_bytes(setup, abstract_mesh(data, fsdp))
     return {"setup": setup, "state_bytes": sb, "calibration": cal,
-            "memory": memory_model(sb, cal, per_device, grad_accum, fsdp, dtype),
-            "largest_batch_per_device": largest_batch(sb, cal, hbm_bytes, grad_accum, fsdp, dtype),
+            "memory": memory_model(sb, cal, per_device, grad_accum),
+            "largest_batch_per_device": largest_batch(sb, cal, hbm_bytes, grad_accum),
             "flops": flops_model(cal, per_device, global_batch, fsdp)}
 
 
@@ -523,8 +514,8 @@ def plan(config, *, devices: int, mesh: dict | None = None, batch_size: int | No
         measured["flops_per_device_model_over_compiled"] = main["flops"]["per_device"] / measured["flops_per_device"]
         # the program's own figure wins; the largest batch extrapolates from it with the calibrated slope
         total, source = measured["total"], "compiled"
-        main["largest_batch_per_device"] = largest_batch(sb, main["calibration"], hbm * GIB, grad_accum, fsdp,
-                                                         setup.step_cfg.dtype, offset=total - main["memory"]["total"])
+        main["largest_batch_per_device"] = largest_batch(sb, main["calibration"], hbm * GIB, grad_accum,
+                                                         offset=total - main["memory"]["total"])
     public = ("calibration", "memory", "largest_batch_per_device", "flops")
     return {
         "stage": setup.task.name, "devices": devices, "mesh": {"data": data, "fsdp": fsdp},
@@ -541,10 +532,10 @@ def plan(config, *, devices: int, mesh: dict | None = None, batch_size: int | No
 SOURCES = {
     "exact": "params, gradients, optimizer, ema, extra, counters, frozen, batch: bytes of each array's shard in the "
              "sharded abstract state and batch on the mesh",
-    "calibrated": "activations (per example and fixed) and FLOPs per example: the loss-and-gradient program "
-                  "compiled at two per-device batches on `calibration.mesh` devices of `calibration.platform`",
-    "modelled": "temp = max(4 x gradients [update], gradients + accumulator + gathered params + activations "
-                "[backward]); total = state + frozen + batch + temp; FLOPs per device = per example x batch + "
-                "(fixed + update) / fsdp",
+    "calibrated": "activations per example and fixed: the loss-and-gradient program compiled at two per-device "
+                  "batches on `calibration.mesh` devices of `calibration.platform`; FLOPs per example and of the "
+                  "update: the lowered programs at batch 1 on one device",
+    "modelled": "temp = max(4 x gradients [update], whole gradient + accumulator + activations [backward]); "
+                "total = state + frozen + batch + temp; FLOPs per device = per example x batch + update / fsdp",
     "measured": "XLA's memory analysis and cost analysis of the real sharded step, when its devices exist here",
 }

@@ -1,6 +1,7 @@
 """Fixtures of the training tests (the session's compilation cache is tests/conftest.py's)."""
 
 import os
+import socket
 
 import pytest
 
@@ -30,3 +31,15 @@ def subprocess_env(compilation_cache):
         PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p),
     )
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """``free_port() -> int``: a TCP port on 127.0.0.1 nothing listens on (a jax.distributed coordinator)."""
+    return _free_port

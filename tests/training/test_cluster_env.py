@@ -3,7 +3,6 @@ Slurm host lists, a sweep's job-array share, and one real 2-process training sta
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -200,14 +199,8 @@ def test_sweep_command_in_a_job_array_takes_its_share_and_trains_no_autoencoder(
     assert os.listdir(tmp_path) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_started_by_slurm_variables_alone_train_together(tmp_path, subprocess_env, reap):
-    workdir, port = str(tmp_path / "slurm"), _free_port()
+def test_two_processes_started_by_slurm_variables_alone_train_together(tmp_path, subprocess_env, reap, free_port):
+    workdir, port = str(tmp_path / "slurm"), free_port()
     launcher = ("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "TPU_",
                 "MEGASCALE_", "JOB_COMPLETION_INDEX", "LDM_JAX_")
     base = {k: v for k, v in subprocess_env.items() if not k.startswith(launcher)}

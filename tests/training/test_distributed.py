@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,14 +13,9 @@ from tests.training import toy_cases
 CASES = os.path.abspath(toy_cases.__file__)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_through_jax_distributed_match_one_process_with_two_devices(tmp_path, subprocess_env, reap):
-    workdir, port = str(tmp_path / "two_processes"), _free_port()
+def test_two_processes_through_jax_distributed_match_one_process_with_two_devices(tmp_path, subprocess_env, reap,
+                                                                                   free_port):
+    workdir, port = str(tmp_path / "two_processes"), free_port()
     procs = []
     for i in range(2):  # each process: 1 CPU device, its half of every batch; gloo collectives
         env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -10,7 +10,6 @@ float tolerance (reduction order differs between meshes).
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,15 +46,9 @@ def _config(data_dir, ae_dir, data, fsdp, extra=()):
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(workdir, overrides, processes, devices, env, reap, logs):
+def _launch(workdir, overrides, processes, devices, env, reap, logs, port):
     """`processes` x `devices` CPU processes of one ldm-jax train job; returns their Popen objects."""
-    port, procs = _free_port(), []
+    procs = []
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     for i in range(processes):
         cmd = [sys.executable, "-m", "ldm_jax", "train", f"--config={LDM_CFG}:tiny", f"--workdir={workdir}", *flags,
@@ -113,12 +106,13 @@ def _assert_params_close(workdir, reference, rtol):
 
 
 def test_two_processes_with_fsdp_across_them_grids_and_eval_match_one_process(setup, subprocess_env, reap,
-                                                                              tmp_path):
+                                                                              tmp_path, free_port):
     root, data, ae, ref_losses, ref_params = setup
     workdir = tmp_path / "two"
     extra = {"sample.every_steps": 2, "eval.every_steps": 3, "eval.metrics": "('adherence',)",
              "eval.num_samples": 4}
-    _wait(_launch(workdir, _overrides(data, ae, 1, 8, extra), 2, 4, subprocess_env, reap, tmp_path), tmp_path)
+    procs = _launch(workdir, _overrides(data, ae, 1, 8, extra), 2, 4, subprocess_env, reap, tmp_path, free_port())
+    _wait(procs, tmp_path)
     losses = _losses(workdir)
     assert len(losses) == STEPS
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
@@ -129,12 +123,12 @@ def test_two_processes_with_fsdp_across_them_grids_and_eval_match_one_process(se
     assert "latents-00000-of-00002.array_record" in cache and "latents-00001-of-00002.array_record" in cache
 
 
-def test_killed_on_two_processes_resumes_on_one_then_on_four(setup, subprocess_env, reap, tmp_path):
+def test_killed_on_two_processes_resumes_on_one_then_on_four(setup, subprocess_env, reap, tmp_path, free_port):
     root, data, ae, ref_losses, ref_params = setup
     workdir = tmp_path / "elastic"
     # 1. 2 processes x 4 devices, data=1 x fsdp=8 (the program of the test above: its compiled step is cached):
     #    SIGKILL both once step 2 is saved
-    procs = _launch(workdir, _overrides(data, ae, 1, 8), 2, 4, subprocess_env, reap, tmp_path)
+    procs = _launch(workdir, _overrides(data, ae, 1, 8), 2, 4, subprocess_env, reap, tmp_path, free_port())
     assert _wait_for(lambda: checkpoint_steps(str(workdir)), procs), _tails(tmp_path)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -146,7 +140,7 @@ def test_killed_on_two_processes_resumes_on_one_then_on_four(setup, subprocess_e
     run(cfg, str(workdir))
     assert checkpoint_steps(str(workdir))[-1] == killed + 1
     # 3. 4 processes x 2 devices (each FSDP group of 4 spans two processes) to the end
-    _wait(_launch(workdir, _overrides(data, ae, 2, 4), 4, 2, subprocess_env, reap, tmp_path), tmp_path)
+    _wait(_launch(workdir, _overrides(data, ae, 2, 4), 4, 2, subprocess_env, reap, tmp_path, free_port()), tmp_path)
     assert checkpoint_steps(str(workdir))[-1] == STEPS
     rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step once: resumed steps not repeated

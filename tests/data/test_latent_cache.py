@@ -10,6 +10,7 @@ from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_cache import build_latent_cache
 from ldm_jax.data.latent_records import LatentCache
 from ldm_jax.data.pipeline import make_iterator
+from tests.data.conftest import as_processes
 
 BATCH = 24  # does not divide the 40 test examples: the last batch is padded
 
@@ -124,28 +125,11 @@ def test_cache_is_reused_and_guarded(cache, source, tmp_path):
 
 
 def test_three_processes_build_the_same_cache_as_one(cache, source, tmp_path):
-    import threading
-
     one, _, _ = cache
     out = tmp_path / "together"
-    gate = threading.Barrier(3)
-    errors = []
-
-    def process(p):
-        try:
-            build_latent_cache(source, ToyEncoders().images, ToyEncoders.text, out, BATCH,
-                               encoder_ids={"vae": "toy-pool4", "text": "toy-chars"}, process_index=p,
-                               process_count=3, barrier=lambda name: gate.wait(timeout=60))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            gate.abort()
-
-    threads = [threading.Thread(target=process, args=(p,)) for p in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    as_processes(3, lambda p, barrier: build_latent_cache(
+        source, ToyEncoders().images, ToyEncoders.text, out, BATCH,
+        encoder_ids={"vae": "toy-pool4", "text": "toy-chars"}, process_index=p, process_count=3, barrier=barrier))
     manifest = json.loads((out / latent_cache.MANIFEST).read_text())
     assert manifest["records"] == [f"latents-{p:05d}-of-00003.array_record" for p in range(3)]
     together = LatentCache(out)

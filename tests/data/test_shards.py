@@ -17,6 +17,7 @@ from ldm_jax.data.pipeline import resize_image, to_channels
 from ldm_jax.data.shards import ShardError, fit_image, index_shard, nearest_bucket
 from ldm_jax.images import load_rgb
 from ldm_jax.types import ConfigError
+from tests.data.conftest import as_processes
 
 NUM_EXAMPLES, PER_SHARD = 10_200, 160  # 63 shards of 160 and one of 120: hosts' shares differ in size
 
@@ -259,8 +260,6 @@ def test_index_shard_reads_long_and_unicode_names_of_any_tar_writer(tmp_path):
 
 
 def test_two_processes_build_a_latent_cache_of_every_example_once(tmp_path):
-    import threading
-
     from ldm_jax.data import build_latent_cache
     from ldm_jax.data.latent_records import LatentCache
 
@@ -274,22 +273,8 @@ def test_two_processes_build_a_latent_cache_of_every_example_once(tmp_path):
     def text(captions):
         return np.asarray([[len(c)] for c in captions], np.float32)[:, None, :]
 
-    gate, errors = threading.Barrier(2), []
-
-    def process(p):
-        try:
-            build_latent_cache(_cfg(shards), images, text, tmp_path / "cache", 16, process_index=p, process_count=2,
-                               barrier=lambda name: gate.wait(timeout=60))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            gate.abort()
-
-    threads = [threading.Thread(target=process, args=(p,)) for p in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    as_processes(2, lambda p, barrier: build_latent_cache(_cfg(shards), images, text, tmp_path / "cache", 16,
+                                                          process_index=p, process_count=2, barrier=barrier))
     cache = LatentCache(tmp_path / "cache")
     numbers = sorted(int(cache[i]["caption"].split()[1]) for i in range(len(cache)))
     assert numbers == list(range(200)) and cache.manifest["num_examples"] == 200

@@ -20,7 +20,7 @@ Euler schedulers do for fractional timesteps). See `schedules.py`.
 
 Training::
 
-    t = diffusion.sample_t("logit_normal", rng, batch, schedule=s)   # uniform, logit_normal,
+    t = diffusion.sample_t("logit_normal", rng, batch, schedule=s)   # uniform, logit_normal, mode, cosmap,
                                                                      # lognormal_sigma, low_discrepancy
     x_t = diffusion.q_sample(s, x0, t, noise)
     out = model(x_t, s.timestep(t), context)
@@ -29,7 +29,8 @@ Training::
 
 Parametrizations eps / x0 / v / flow: ``to_x0_eps``, ``from_x0_eps``, ``convert``; EDM preconditioning:
 ``edm_precondition(net, s)`` (an x0-predicting denoise_fn), ``edm_coefficients``. Weightings (eps units):
-uniform, snr, x0, v, truncated_snr, min_snr(gamma), p2(k, gamma), edm(sigma_data), sigmoid(bias), elbo.
+uniform, snr, x0, v, truncated_snr, min_snr(gamma), p2(k, gamma), edm(sigma_data), sigmoid(bias), elbo, and
+rectified flow's velocity MSE: flow, logit_normal(mean, std), cosmap (SD3's densities as weights).
 
 Sampling (whole loop in one jit; one trace per shape, sampler, steps and static options)::
 

@@ -12,6 +12,11 @@ Spacings:
     karras    sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho   (Karras et al. 2022)
     logsnr    logsnr_i uniform from logsnr(t_max) to logsnr(t_min)     (Lu et al. 2022, DPM-Solver)
     leading / trailing / linspace    SD's discrete timesteps n_i, at t_i = (n_i + 1) / T
+    flowmatch t_i uniform from t_max to tau(1/1000)                   diffusers' FlowMatchEulerDiscreteScheduler
+
+flowmatch is SD3's default grid: with tau(t) = sigmoid(-logsnr(t) / 2) the flow time of a (shifted) schedule,
+diffusers spaces N "sigmas" linearly from 1 to tau(1/T) and then shifts them once more, so on a flow schedule
+with shift s the network sees flow times shift_s(t_i) for these t_i, the last one shifted twice, as there.
 
 karras and logsnr ramps run from sigma_max (default sigma(t_max)) to sigma_min (default sigma(t_min), or
 0.002 where that is 0); with ``final="zero"`` the N evaluations cover the whole ramp and the last step
@@ -35,12 +40,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.types import Array, ConfigError, check_choice
 
-SPACINGS = ("uniform", "karras", "logsnr", "leading", "trailing", "linspace")
+SPACINGS = ("uniform", "karras", "logsnr", "leading", "trailing", "linspace", "flowmatch")
+FLOWMATCH_TRAIN_TIMESTEPS = 1000
 SD_SPACINGS = ("leading", "trailing", "linspace")
 STYLES = ("ddim", "euler", "multistep")
 FINALS = ("zero", "sigma_min")
@@ -96,6 +103,10 @@ def _continuous_t(
         t = t_max * (1.0 - jnp.arange(num) / num)
         return t, schedule.logsnr(t)
     ramp = jnp.asarray(np.linspace(0.0, 1.0, num))
+    if spacing == "flowmatch":
+        t_last = jax.nn.sigmoid(-0.5 * schedule.logsnr(jnp.asarray(1.0 / FLOWMATCH_TRAIN_TIMESTEPS, ramp.dtype)))
+        t = t_max + ramp * (t_last - t_max)
+        return t, schedule.logsnr(t)
     if spacing == "karras":
         s_max = schedule.sigma(t_max) if sigma_max is None else jnp.asarray(sigma_max, jnp.result_type(float))
         s_max = jnp.minimum(s_max, math.exp(-0.5 * LOGSNR_FLOOR))
@@ -144,7 +155,7 @@ def time_grid(
         t = jnp.asarray((n + 1.0) / total, dtype=jnp.result_type(float))
         logsnr = schedule.logsnr(t)
     else:
-        ends_at_min = final == "sigma_min" and spacing != "uniform"
+        ends_at_min = final == "sigma_min" and spacing not in ("uniform", "flowmatch")
         t, logsnr = _continuous_t(
             schedule,
             int(num_steps) + ends_at_min,

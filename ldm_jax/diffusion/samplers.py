@@ -13,6 +13,10 @@ the grid's logSNR; the EDM view uses x~ = x / alpha and s = sigma / alpha = exp(
                      x~_s = x~_t + (s_down - s_t) eps + s_up z                               (k-diffusion)
     heun             EDM Algorithm 2 with churn: Euler to s_s, then the trapezoid correction unless s_s = 0;
                      out of pure noise (the logSNR floor) the trapezoid on d(x~/s)/d(1/s) = x0 instead
+    flow_heun        Heun in rectified-flow coordinates x_f = x / (alpha + sigma), tau = sigma / (alpha + sigma), where
+                     the probability-flow ODE of any VP schedule reads dx_f/dtau = eps - x0 = u (the velocity):
+                     Euler to tau_s, then the trapezoid (u + u_s) / 2 unless tau_s = 0 (diffusers'
+                     FlowMatchHeunDiscreteScheduler). tau stays in [0, 1], so pure noise needs no special case.
     dpmpp_2m         DPM-Solver++(2M), midpoint form (Lu et al. 2022), lambda = logsnr / 2,
                      h = lambda_s - lambda_t:
                      x_s = sigma_s/sigma_t x - alpha_s expm1(-h) (D0 + D1 / 2), D1 = (D0 - D_prev) h / h_prev
@@ -21,6 +25,11 @@ the grid's logSNR; the EDM view uses x~ = x / alpha and s = sigma / alpha = exp(
     unipc            UniPC-2 with the B(h) = expm1(-h) ("bh2") variant, x0 form (Zhao et al. 2023): a UniC
                      corrector on x_t from the new model output, then the UniP predictor; one evaluation
                      a step.
+
+Rectified flow (Esser et al. 2024): ddim and euler are the flow Euler step x_f + (tau_s - tau) u exactly (with
+x0, eps read from the same output, all three land on (1 - tau_s) x0 + tau_s eps); dpmpp_2m, dpmpp_2m_sde and
+unipc depend on the sample only through sigma_s / sigma_t and alpha_s, so they are the same in the flow scale
+(diffusers' use_flow_sigmas); heun works in the EDM coordinates s = sigma / alpha, flow_heun in flow time.
 
 Each sampler has one `SamplerSpec` in `SAMPLER_SPECS` (`sampler_spec(name)`): its step, initial state, grid
 style, order, noise (always_stochastic, eta, churn), the keywords it takes, its network evaluations per step
@@ -182,6 +191,25 @@ def heun_step(ctx: Ctx, i, x, state, key):
 
     x_next = jax.lax.cond(sig_n > 0, corrected, lambda _: x_euler, None)
     return x_next * a_n, state
+
+
+def flow_heun_step(ctx: Ctx, i, x, state, key):
+    """Heun's trapezoid on dx_f/dtau = u = eps - x0 in flow coordinates (module doc)."""
+    del key
+    t, l, a, s = _at(ctx, i)
+    t_n, l_n, a_n, s_n = _at(ctx, i + 1)
+    tau, tau_n = s / (a + s), s_n / (a_n + s_n)
+    x_f = x / (a + s)
+    x0, eps = ctx.model(x, t, l)
+    u = eps - x0
+    x_euler = x_f + (tau_n - tau) * u
+
+    def corrected(_):
+        x0_n, eps_n = ctx.model(x_euler * (a_n + s_n), t_n, l_n)
+        return x_f + (tau_n - tau) * 0.5 * (u + eps_n - x0_n)
+
+    x_next = jax.lax.cond(tau_n > 0, corrected, lambda _: x_euler, None)
+    return x_next * (a_n + s_n), state
 
 
 # ---------------------------------------------------------------------------------------------- multistep
@@ -397,6 +425,10 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
             options=("eta",), default_eta=1.0,
         ),
         SamplerSpec("heun", heun_step, _no_state, "euler", 2, options=_CHURN, evals_per_step=2, final_step_evals=1),
+        SamplerSpec(
+            "flow_heun", flow_heun_step, _no_state, "euler", 2, evals_per_step=2, final_step_evals=1,
+            floor_eps_only=True,
+        ),
         SamplerSpec("dpmpp_2m", dpmpp_2m_step, _previous_x0, "multistep", 2, lower_order_final_below=15),
         SamplerSpec(
             "dpmpp_2m_sde", dpmpp_2m_sde_step, _previous_x0, "multistep", 2, always_stochastic=True,

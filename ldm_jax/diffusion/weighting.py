@@ -14,6 +14,14 @@ error converts through ||x0_hat - x0||^2 = e^-logsnr ||eps_hat - eps||^2, so wit
     edm            1 + 1 / (snr sigma_data^2)     lambda(sigma) ||D - x0||^2 (Karras et al. 2022)
     sigmoid        sigmoid(bias - logsnr)         Kingma & Gao 2023
     elbo           -1/2 dlogsnr/dt                continuous-time VLB with t ~ U[0, 1] (Kingma et al. 2021)
+    flow           (1 + e^(-logsnr/2))^2          velocity MSE ||u_hat - u||^2, u = eps - x0 (rectified flow)
+    logit_normal   flow x pi_ln(tau)              velocity MSE x SD3's logit-normal density (mean, std)
+    cosmap         flow x pi_cm(tau)              velocity MSE x SD3's CosMap density 2 / (pi (1 - 2tau + 2tau^2))
+
+tau = sigmoid(-logsnr / 2) is the flow time of the noise level (x_t = (1 - tau) x0 + tau eps up to scale).
+SD3 (Esser et al. 2024, Sec. 3.1) writes every formulation as a velocity MSE weighted by w(tau) pi(tau) with t
+drawn from a density pi: draw t with ``noise_sampling="logit_normal"`` and weight with "flow", or draw t
+uniformly and weight with "logit_normal"; the two have the same expected loss (different variance).
 
 Special cases: min_snr(gamma -> inf) = snr = uniform; p2(gamma = 0) = uniform; edm(sigma_data = 1) = v;
 sigmoid(bias -> inf) = uniform. ``elbo`` depends on the schedule's time derivative, so it is computed by
@@ -73,6 +81,26 @@ def sigmoid(logsnr: Array, bias: float = 0.0) -> Array:
     return jax.nn.sigmoid(bias - _clip(logsnr))
 
 
+def flow(logsnr: Array) -> Array:
+    return (1.0 + jnp.exp(-0.5 * _clip(logsnr))) ** 2
+
+
+def _flow_time(logsnr: Array) -> Array:
+    return jax.nn.sigmoid(-0.5 * _clip(logsnr))
+
+
+def logit_normal(logsnr: Array, mean: float = 0.0, std: float = 1.0) -> Array:
+    tau = jnp.clip(_flow_time(logsnr), 1e-7, 1.0 - 1e-7)
+    z = jnp.log(tau) - jnp.log1p(-tau)
+    density = jnp.exp(-0.5 * ((z - mean) / std) ** 2) / (std * jnp.sqrt(2.0 * jnp.pi) * tau * (1.0 - tau))
+    return flow(logsnr) * density
+
+
+def cosmap(logsnr: Array) -> Array:
+    tau = _flow_time(logsnr)
+    return flow(logsnr) * 2.0 / (jnp.pi * (1.0 - 2.0 * tau + 2.0 * tau**2))
+
+
 _WEIGHTINGS = {
     "uniform": uniform,
     "snr": snr,
@@ -83,6 +111,9 @@ _WEIGHTINGS = {
     "p2": p2,
     "edm": edm,
     "sigmoid": sigmoid,
+    "flow": flow,
+    "logit_normal": logit_normal,
+    "cosmap": cosmap,
 }
 WEIGHTINGS = tuple(_WEIGHTINGS) + ("elbo",)
 

@@ -22,7 +22,7 @@ variance), on `sample`'s default grid (uniform in t from t = 1, final="zero"):
                            (b) the order: errors at 32 and 128 steps on the grid uniform in logSNR
                            (spacing="logsnr": the same compiled loops as (a), and on zero-SNR schedules it starts
                            at the same pure-noise floor), fitted slope above the sampler's order less 0.3:
-                           ddim and euler 1, heun and dpmpp_2m 2, unipc 3 (UniPC-2's corrector adds one; Zhao et
+                           ddim and euler 1, heun, flow_heun and dpmpp_2m 2, unipc 3 (UniPC-2's corrector adds one; Zhao et
                            al. 2023). Measured over the matrix: 0.99-1.00, 2.07-2.10, 1.96-2.03, 2.99-3.13
                            (2.57 once: `ORDER_SLACK`). v reaches every sampler as the same (x0, eps) pair as x0
                            (`to_x0_eps`; the steps branch only on eps or not), so (b) runs for eps and x0.
@@ -64,7 +64,7 @@ SHAPE = (1024, 4)  # 4096 draws: standard errors S / 64 = 0.0078 (mean) and S / 
 PREDICTIONS = ("eps", "x0", "v")
 ORDER_PREDICTIONS = ("eps", "x0")
 LAW_STEPS, STOCHASTIC_STEPS, ORDER_STEPS = 128, 512, (32, 128)
-ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "unipc": 3}
+ORDERS = {"ddim": 1, "euler": 1, "heun": 2, "flow_heun": 2, "dpmpp_2m": 2, "unipc": 3}
 # Allowed shortfall of the fitted order: 0.3, and 0.5 for unipc's third order, which measures 2.57 on sigmoid
 # with an eps network: float32 t (spacing 6e-8 near t = 1, where sigmoid's alpha ~ sqrt(1 - t)) puts the
 # network's noise level ~1% off the grid's near pure noise, and eps -> x0 divides by alpha.

@@ -11,9 +11,9 @@ from ldm_jax import diffusion
 from ldm_jax.diffusion import samplers as samplers_lib
 from ldm_jax.types import ConfigError
 
-NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "flow_heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 # The tables the specs replace (samplers.STYLE, sampling._STOCHASTIC and _check_noise_options).
-OLD_STYLE = dict(ddpm="ddim", ddim="ddim", euler="euler", euler_ancestral="euler", heun="euler",
+OLD_STYLE = dict(ddpm="ddim", ddim="ddim", euler="euler", euler_ancestral="euler", heun="euler", flow_heun="euler",
                  dpmpp_2m="multistep", dpmpp_2m_sde="multistep", unipc="multistep")
 OLD_STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
 
@@ -39,7 +39,8 @@ def test_one_spec_per_sampler_and_option_names():
 def test_old_rules_lower_order_final_and_logsnr_floor():
     for name, spec in diffusion.SAMPLER_SPECS.items():
         for prediction in diffusion.PREDICTIONS:
-            assert spec.floors_logsnr(prediction) == (name not in ("ddim", "ddpm") or prediction == "eps")
+            # flow_heun never divides by alpha: like ddim/ddpm, only an eps network needs the floor
+            assert spec.floors_logsnr(prediction) == (name not in ("ddim", "ddpm", "flow_heun") or prediction == "eps")
         if spec.grid_style == "multistep":  # the single-step samplers ignore lower_order_final
             for final, n in itertools.product(("zero", "sigma_min"), (5, 14, 15, 30)):
                 old = True if name == "unipc" else (final == "zero" or n < 15)

@@ -178,10 +178,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dict(name="shapes", split="train", data_dir="", builder_kwargs={}, resolution=32, channels=3,
                   center_crop=True, flip=False, batch_size=32, seed=0, caption_dropout=0.1,
                   latent_cache="")
-    # model: a preset name plus field overrides of its config (models.presets), or `pretrained` = a diffusers
-    # folder; the stage-2 VAE may instead come from a stage-1 `workdir`.
+    # model: `backbone` picks the denoiser (unet, dit or mmdit), configured by the section of that name: a preset
+    # name plus field overrides of its config (models.presets), or `pretrained` = a diffusers folder; the stage-2
+    # VAE may instead come from a stage-1 `workdir`.
     c.model = dict(
+        backbone="unet",
         unet=dict(preset="tiny", pretrained=""),
+        dit=dict(preset="tiny", pretrained=""),
+        mmdit=dict(preset="tiny", pretrained=""),
         vae=dict(preset="tiny", pretrained="", workdir=""),
         text_encoder=dict(name="minilm", path="", max_length=16, hidden_layer=0),
     )
@@ -197,7 +201,8 @@ def base_config() -> ml_collections.ConfigDict:
                        logsnr_min=ml_collections.config_dict.placeholder(float),
                        logsnr_max=ml_collections.config_dict.placeholder(float), prediction="eps",
                        weighting="uniform", weighting_options={}, min_snr_gamma=5.0,
-                       noise_sampling="uniform", noise_sampling_options={}, precondition="none", sigma_data=0.5)
+                       noise_sampling="uniform", noise_sampling_options={}, precondition="none", sigma_data=0.5,
+                       network_input="vp")
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                        warmup_steps=100, decay="cosine", grad_clip=1.0)
     c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,

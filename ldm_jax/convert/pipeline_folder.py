@@ -224,6 +224,10 @@ def write_model_folder(dst: str, model, diffusion_section: Mapping, *, source: s
     diffusion config it was built from, as a dict. Returns the components written."""
     if model.unet_params is None:
         raise ConversionError("the model has no U-Net parameters to write")
+    if model.backbone != "unet":
+        raise ConversionError(f"this model's denoiser is a {model.backbone}: a Stable-Diffusion pipeline folder holds "
+                              "a U-Net; export the transformer alone with ldm_jax.convert.dit.save_dit or "
+                              "ldm_jax.convert.sd3.save_sd3_transformer")
     dconv.save_unet(os.path.join(dst, "unet"), model.unet_config, unbox(model.unet_params))
     dconv.save_vae(os.path.join(dst, "vae"), model.vae_config, unbox(model.vae_params))
     text_classes, text_options = save_text_encoder(os.path.join(dst, "text_encoder"),

@@ -15,9 +15,9 @@ Modules: `model` (the object), `generate` (the jitted body, the seeding rule, mi
 """
 
 from ldm_jax.ldm.compile_cache import default_cache_dir, enable_compilation_cache
-from ldm_jax.ldm.generate import SampleConfig, UNetDenoiser
+from ldm_jax.ldm.generate import Denoiser, SampleConfig, UNetDenoiser
 from ldm_jax.ldm.loading import SamplingDefaults, cached_snapshot, scheduler_from_config
 from ldm_jax.ldm.model import LatentDiffusion
 
-__all__ = ["LatentDiffusion", "SampleConfig", "SamplingDefaults", "UNetDenoiser", "cached_snapshot",
+__all__ = ["Denoiser", "LatentDiffusion", "SampleConfig", "SamplingDefaults", "UNetDenoiser", "cached_snapshot",
            "default_cache_dir", "enable_compilation_cache", "scheduler_from_config"]

@@ -1,9 +1,11 @@
 """From the ``model`` and ``diffusion`` config sections to the typed pieces of a latent-diffusion model.
 
-``model.unet`` / ``model.vae`` hold a ``preset`` (``models.presets``: tiny, sd15, sd21, sd15_inpaint; tiny,
-sd) plus overrides of that preset's fields, or ``pretrained`` = a diffusers folder (fine-tuning from SD
-weights). The stage-2 VAE may come from a stage-1 ``workdir`` instead (its EMA parameters). Training and the
-model layer both read a config through these functions, so a workdir is interpreted the way it was trained.
+``model.backbone`` picks the denoiser: "unet" (default), "dit" or "mmdit", configured by the section of that
+name. ``model.unet`` / ``model.dit`` / ``model.mmdit`` / ``model.vae`` hold a ``preset`` (``models.presets``:
+unet tiny, sd15, sd21, sd15_inpaint; dit tiny, xl_2; mmdit tiny, sd3_medium, sd35_medium; vae tiny, sd) plus
+overrides of that preset's fields, or ``pretrained`` = a diffusers folder (fine-tuning from released weights).
+The stage-2 VAE may come from a stage-1 ``workdir`` instead (its EMA parameters). Training and the model layer
+both read a config through these functions, so a workdir is interpreted the way it was trained.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import jax.numpy as jnp
 
 from ldm_jax import diffusion
 from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert import dit as dit_convert
+from ldm_jax.convert import sd3 as sd3_convert
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models import presets
 from ldm_jax.models.text_encoder import TextEncoder
@@ -23,9 +27,13 @@ from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, near
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
                 "sd15_inpaint": presets.sd15_inpaint_unet}
+DIT_PRESETS = {"tiny": presets.tiny_dit, "xl_2": presets.dit_xl_2}
+MMDIT_PRESETS = {"tiny": presets.tiny_mmdit, "sd3_medium": presets.sd3_medium, "sd35_medium": presets.sd35_medium}
+BACKBONE_PRESETS = {"unet": UNET_PRESETS, "dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS}
 VAE_PRESETS = {"tiny": presets.tiny_vae, "sd": presets.sd_vae}
 TEXT_ENCODERS = ("minilm", "clip")
 PRECONDITIONS = ("none", "edm")
+NETWORK_INPUTS = ("vp", "flow")  # see ldm.generate.Denoiser
 
 
 def section(sec) -> dict:
@@ -46,6 +54,41 @@ def _preset(table: dict, sec, what: str, **defaults):
 def unet_config(sec, **defaults):
     """The U-Net config of a ``model.unet`` section (``defaults``, e.g. cross_attention_dim, yield to it)."""
     return _preset(UNET_PRESETS, sec, "unet", **defaults)
+
+
+def backbone(model_sec) -> str:
+    """The denoiser kind ``model.backbone`` names (default "unet")."""
+    name = section(model_sec).get("backbone") or "unet"
+    check_choice("model.backbone", name, BACKBONE_PRESETS)
+    return name
+
+
+def backbone_section(model_sec) -> dict:
+    """The ``model.<backbone>`` section (empty when absent: the backbone's tiny preset)."""
+    return section(section(model_sec).get(backbone(model_sec)))
+
+
+def backbone_config(model_sec, *, context_dim: int, latent_channels: int, **options):
+    """The denoiser config of a ``model`` section: its preset, fitted to the text encoder's width and the VAE's
+    channels, with `options` (compute dtype, remat); the section's own values win over all of these."""
+    name = backbone(model_sec)
+    fit = {"in_channels": latent_channels, "out_channels": latent_channels}
+    if name == "mmdit":
+        fit.update(joint_attention_dim=context_dim, pooled_projection_dim=context_dim)
+    else:
+        fit.update(cross_attention_dim=context_dim)
+    return _preset(BACKBONE_PRESETS[name], backbone_section(model_sec), name, **{**fit, **options})
+
+
+def pretrained_backbone(model_sec):
+    """(config, params) from ``model.<backbone>.pretrained`` (a diffusers unet / transformer folder), or None."""
+    path = backbone_section(model_sec).get("pretrained")
+    if not path:
+        return None
+    name = backbone(model_sec)
+    if name == "unet":
+        return dconv.load_unet(path)
+    return dit_convert.load_dit(path) if name == "dit" else sd3_convert.load_sd3_transformer(path)
 
 
 def vae_config(sec, **defaults):
@@ -122,6 +165,8 @@ class DiffusionConfig(FrozenConfig):
       sigma_data, sigmoid bias); min_snr_gamma is min_snr's gamma when weighting_options does not set it.
     noise_sampling, noise_sampling_options: how training draws t (uniform t_min/t_max, logit_normal
       mean/std, lognormal_sigma p_mean/p_std, low_discrepancy; ``discrete=True`` snaps to a table's timesteps).
+    network_input: what the network is fed (``ldm.generate.Denoiser``): "vp" (x_t and the schedule's timestep)
+      or "flow" (SD3's rectified-flow convention: x_flow = (1 - tau) x0 + tau eps and timestep 1000 tau).
     precondition: "none", or "edm" (Karras et al. 2022: the network sees c_in x and c_noise = ln(sigma) / 4 and
       predicts x0 = c_skip x + c_out F; needs prediction="x0"), with sigma_data.
     schedule="learned" (Kingma et al. 2021, VDM) is trained jointly with the network: its parameters
@@ -144,12 +189,17 @@ class DiffusionConfig(FrozenConfig):
     noise_sampling_options: Any = ()
     precondition: str = "none"
     sigma_data: float = 0.5
+    network_input: str = "vp"
 
     def __post_init__(self):
         check_choice("diffusion.prediction", self.prediction, diffusion.PREDICTIONS)
         check_choice("diffusion.weighting", self.weighting, diffusion.WEIGHTINGS)
         check_choice("diffusion.noise_sampling", self.noise_sampling, diffusion.NOISE_SAMPLERS)
         check_choice("diffusion.precondition", self.precondition, PRECONDITIONS)
+        check_choice("diffusion.network_input", self.network_input, NETWORK_INPUTS)
+        if self.network_input != "vp" and self.precondition != "none":
+            raise ConfigError(f"diffusion.network_input='{self.network_input}' and precondition="
+                              f"'{self.precondition}' both set the network's input: choose one")
         if self.learned and self.weighting != "elbo":
             raise ConfigError(f"diffusion.schedule='learned' is trained to minimize the loss variance, which leaves "
                               f"the loss unchanged only under the ELBO weighting: set diffusion.weighting='elbo' "

@@ -30,6 +30,7 @@ import logging
 import math
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ldm_jax import diffusion
 from ldm_jax import images as imlib
-from ldm_jax.models.unet import UNet
+from ldm_jax.diffusion.schedules import CONTINUOUS_TIMESTEP_SCALE
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.types import Array, ConfigError, FrozenConfig, PyTree, check_choice, nearest
 
@@ -116,20 +117,26 @@ class Options:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class UNetDenoiser:
+class Denoiser:
     """``(x_t, t, context) -> network output`` for `diffusion.cfg` / `diffusion.sample` and the training loss.
 
-    t is the framework's (B,) time in [0, 1]; the U-Net gets ``schedule.timestep(t)``, or with
-    ``precondition="edm"`` EDM's scaled input and c_noise (``diffusion.edm_precondition``: the output is then
-    x0). `context` is the text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra`
+    The network is any backbone (U-Net, DiT, MMDiT) called as ``module.apply(params, x, timesteps, context)``.
+    t is the framework's (B,) time in [0, 1] and x_t is variance preserving. What the network sees:
+      network_input="vp":   x_t and ``schedule.timestep(t)`` (SD's U-Nets: 1000 t - 1 on the 1000-step tables);
+      network_input="flow": the rectified-flow sample x_flow = x_t / (alpha + sigma) = (1 - tau) x0 + tau eps and
+                            timestep 1000 tau, tau = sigma / (alpha + sigma) the flow time of the noise level
+                            (SD3's convention, whatever shift the schedule has);
+      precondition="edm":   EDM's scaled input and c_noise (``diffusion.edm_precondition``; the output is x0).
+    `context` is the text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra`
     channels (mask, masked-image latents) are appended to the network's input. The output is float32.
     """
 
     params: PyTree
     schedule: PyTree
-    module: UNet = dataclasses.field(metadata=dict(static=True))
+    module: nn.Module = dataclasses.field(metadata=dict(static=True))
     precondition: str = dataclasses.field(default="none", metadata=dict(static=True))
     sigma_data: float = dataclasses.field(default=0.5, metadata=dict(static=True))
+    network_input: str = dataclasses.field(default="vp", metadata=dict(static=True))
 
     def _network(self, x: Array, timesteps: Array, context: PyTree) -> Array:
         if isinstance(context, dict):
@@ -141,7 +148,15 @@ class UNetDenoiser:
         if self.precondition == "edm":
             network = lambda x_in, c_noise: self._network(x_in.astype(x.dtype), c_noise, context)  # noqa: E731
             return diffusion.edm_precondition(network, self.schedule, self.sigma_data)(x, t).astype(jnp.float32)
+        if self.network_input == "flow":
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            total = alpha + sigma
+            x_flow = x / total.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+            return self._network(x_flow, CONTINUOUS_TIMESTEP_SCALE * sigma / total, context)
         return self._network(x, self.schedule.timestep(t), context)
+
+
+UNetDenoiser = Denoiser  # the name before other backbones existed
 
 
 def _conditional(denoiser, context, x, t):
@@ -218,7 +233,8 @@ def micro_batch_images(model, opts: Options, params: PyTree, batch: dict, scale)
     if extra is not None:
         ctx = {"text": ctx, "concat": extra}
         uctx = None if uctx is None else {"text": uctx, "concat": extra}
-    denoiser = UNetDenoiser(params["unet"], params["schedule"], unet, model.precondition, model.sigma_data)
+    denoiser = Denoiser(params["unet"], params["schedule"], unet, model.precondition, model.sigma_data,
+                        model.network_input)
     keys = jax.vmap(jax.random.key)(batch["seeds"])
     x0 = _sample_batch(opts, params, denoiser, batch["noise"], keys, ctx, uctx, scale, init, mask, known)
     if mask is not None:  # the kept region is exactly the input's latents at the end (as diffusers' last step)

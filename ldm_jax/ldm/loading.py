@@ -43,12 +43,11 @@ from ldm_jax.convert.pipeline_folder import LDM_JAX
 from ldm_jax.ldm import build
 from ldm_jax.ldm.generate import SampleConfig
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params, restore_state_item
-from ldm_jax.models import hf_text
+from ldm_jax.models import backbones, hf_text
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
 from ldm_jax.models.text_encoder import TextEncoder
 from ldm_jax.models.tokenizers import EOS, CLIPTokenizer, WordPieceTokenizer
-from ldm_jax.models.unet import unet_param_shapes
 from ldm_jax.types import ConfigError, _freeze
 
 logger = logging.getLogger("ldm_jax.ldm")
@@ -270,25 +269,25 @@ def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction
 
 # ---------------------------------------------------------------------------- (c) run configs and workdirs
 def config_parts(config, unet_params=None, schedule_params=None) -> dict:
-    """A run config's model (the way training builds it): ``model.unet`` preset (with ``train.dtype`` / remat)
-    or pretrained folder, the frozen VAE of ``model.vae.workdir`` / ``model.vae.pretrained``,
+    """A run config's model (the way training builds it): the ``model.backbone`` denoiser's preset (with
+    ``train.dtype`` / remat) or pretrained folder, the frozen VAE of ``model.vae.workdir`` / ``model.vae.pretrained``,
     ``model.text_encoder``, the ``diffusion`` section's schedule and prediction, ``data.resolution`` as the
     default image size. `unet_params` default to the pretrained folder's weights (None without one);
     `schedule_params` are a learned schedule's (default: its initial ones)."""
     model = config["model"]
     te = build.text_encoder(model["text_encoder"])
     vae_cfg, vae_params = build.frozen_vae(model["vae"])
-    pre = build.pretrained_unet(model["unet"])
+    pre = build.pretrained_backbone(model)
     if pre is not None:
         unet_cfg, pretrained = pre
         unet_params = pretrained if unet_params is None else unet_params
     else:
-        unet_cfg = build.unet_config(model["unet"], cross_attention_dim=te.hidden_size,
-                                     in_channels=vae_cfg.latent_channels, out_channels=vae_cfg.latent_channels,
-                                     **build.compute_options(config))
-    if unet_cfg.cross_attention_dim != te.hidden_size:
-        raise ConfigError(f"model.unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder "
-                          f"gives {te.hidden_size}-wide states: make them equal")
+        unet_cfg = build.backbone_config(model, context_dim=te.hidden_size, latent_channels=vae_cfg.latent_channels,
+                                         **build.compute_options(config))
+    name = build.backbone(model)
+    if backbones.context_dim(unet_cfg) != te.hidden_size:
+        raise ConfigError(f"model.{name} attends to {backbones.context_dim(unet_cfg)}-wide text states but the text "
+                          f"encoder gives {te.hidden_size}-wide ones: make them equal")
     dif = build.diffusion_config(config.get("diffusion", {}))
     schedule = dif.make_schedule(schedule_params)
     resolution = (config.get("data", {}) or {}).get("resolution")
@@ -297,7 +296,8 @@ def config_parts(config, unet_params=None, schedule_params=None) -> dict:
     return dict(unet_config=unet_cfg, unet_params=None if unet_params is None else unbox(unet_params),
                 vae_config=vae_cfg, vae_params=_device(vae_params), text_encoder=te, schedule=schedule,
                 prediction=dif.prediction, precondition=dif.precondition, sigma_data=dif.sigma_data,
-                defaults=SamplingDefaults.for_schedule(schedule), default_size=int(resolution) if resolution else None,
+                network_input=dif.network_input, defaults=SamplingDefaults.for_schedule(schedule),
+                default_size=int(resolution) if resolution else None,
                 sample=SampleConfig.from_config(config.get("sample", {}) or {}))
 
 
@@ -322,8 +322,8 @@ def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool
     if build.diffusion_config(config.get("diffusion", {})).learned:  # trained beside the U-Net (TrainState.extra)
         schedule_params = restore_state_item(path, "extra", step)["params"]
     parts = config_parts(config, schedule_params=schedule_params)
-    unet_params = _check_params(unbox(restore_params(path, step, ema=ema)), unet_param_shapes(parts["unet_config"]),
-                                f"U-Net of {path}")
+    unet_params = _check_params(unbox(restore_params(path, step, ema=ema)),
+                                backbones.param_shapes(parts["unet_config"]), f"denoiser of {path}")
     parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)
     if dtype is not None:
         te = parts["text_encoder"]

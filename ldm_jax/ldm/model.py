@@ -22,11 +22,11 @@ import numpy as np
 from ldm_jax import diffusion
 from ldm_jax.ldm import generate as gen
 from ldm_jax.ldm import loading
-from ldm_jax.ldm.generate import SampleConfig, UNetDenoiser
+from ldm_jax.ldm.generate import Denoiser, SampleConfig
 from ldm_jax.ldm.loading import SamplingDefaults
+from ldm_jax.models import backbones
 from ldm_jax.models.layers import canonical_dtype
 from ldm_jax.models.text_encoder import TextEncoder
-from ldm_jax.models.unet import UNet, UNetConfig
 from ldm_jax.models.vae import AutoencoderConfig, AutoencoderKL
 from ldm_jax.types import ConfigError, PyTree
 
@@ -35,10 +35,12 @@ from ldm_jax.types import ConfigError, PyTree
 class LatentDiffusion:
     """Autoencoder + denoiser + text encoder + schedule + prediction (module doc); parameters are plain trees.
 
+    ``unet_config`` / ``unet_params`` are the denoiser network's, whichever backbone it is (a `UNetConfig`,
+    `DiTConfig` or `MMDiTConfig`; the names predate the transformer backbones).
     ``unet_params`` may be None (a model being trained from scratch); `generate` then needs ``unet_params=``.
     """
 
-    unet_config: UNetConfig
+    unet_config: backbones.BackboneConfig
     unet_params: PyTree
     vae_config: AutoencoderConfig
     vae_params: PyTree
@@ -47,6 +49,7 @@ class LatentDiffusion:
     prediction: str = "eps"
     precondition: str = "none"  # "edm": EDM's preconditioning around the network (x0 prediction)
     sigma_data: float = 0.5
+    network_input: str = "vp"  # "flow": the network sees SD3's x_flow and 1000 tau (generate.Denoiser)
     defaults: SamplingDefaults = SamplingDefaults()
     source: str = ""
     dtype: Any = None
@@ -58,14 +61,15 @@ class LatentDiffusion:
     def __post_init__(self):
         if self.prediction not in diffusion.PREDICTIONS:
             raise ConfigError(f"prediction '{self.prediction}' is unknown; use one of {diffusion.PREDICTIONS}")
-        if self.unet_config.cross_attention_dim != self.text_encoder.hidden_size:
-            raise ConfigError(f"the U-Net attends to {self.unet_config.cross_attention_dim}-wide context but the "
-                              f"text encoder gives {self.text_encoder.hidden_size}; pair matching models")
+        width = backbones.context_dim(self.unet_config)
+        if width != self.text_encoder.hidden_size:
+            raise ConfigError(f"the {self.backbone} attends to {width}-wide context but the text encoder gives "
+                              f"{self.text_encoder.hidden_size}; pair matching models")
         lat = self.vae_config.latent_channels
-        if self.unet_config.out_channels != lat or self.unet_config.in_channels not in (lat, 2 * lat + 1):
-            raise ConfigError(f"U-Net channels in={self.unet_config.in_channels} out={self.unet_config.out_channels}"
-                              f" do not fit a VAE with {lat} latent channels (expected in={lat} or "
-                              f"{2 * lat + 1} for inpainting, out={lat})")
+        c_in, c_out = backbones.channels(self.unet_config)
+        if c_out != lat or c_in not in (lat, 2 * lat + 1):
+            raise ConfigError(f"{self.backbone} channels in={c_in} out={c_out} do not fit a VAE with {lat} latent "
+                              f"channels (expected in={lat} or {2 * lat + 1} for inpainting, out={lat})")
 
     # ------------------------------------------------------------------------------------------ constructors
     @classmethod
@@ -126,8 +130,14 @@ class LatentDiffusion:
         return self.unet_config.in_channels == 2 * self.latent_channels + 1
 
     @property
-    def unet(self) -> UNet:
-        return UNet(self.unet_config, dtype=self.dtype)
+    def backbone(self) -> str:
+        """The denoiser's kind: "unet", "dit" or "mmdit"."""
+        return backbones.kind(self.unet_config)
+
+    @property
+    def unet(self):
+        """The denoiser network module (any backbone; see `backbone`)."""
+        return backbones.network(self.unet_config, self.dtype)
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -138,11 +148,11 @@ class LatentDiffusion:
         """Image side when none is given."""
         return self.default_size or self.unet_config.sample_size * self.downsample_factor
 
-    def denoiser(self, unet_params: PyTree = None, schedule=None) -> UNetDenoiser:
-        """The model wrapper over these (or the given) U-Net parameters and schedule."""
-        return UNetDenoiser(self.unet_params if unet_params is None else unet_params,
-                            self.schedule if schedule is None else schedule, self.unet, self.precondition,
-                            self.sigma_data)
+    def denoiser(self, unet_params: PyTree = None, schedule=None) -> Denoiser:
+        """The model wrapper over these (or the given) denoiser parameters and schedule."""
+        return Denoiser(self.unet_params if unet_params is None else unet_params,
+                        self.schedule if schedule is None else schedule, self.unet, self.precondition,
+                        self.sigma_data, self.network_input)
 
     def params(self, unet_params: PyTree = None, schedule=None) -> dict:
         """The traced inputs of the jitted generation function (schedule included: it is a pytree)."""

@@ -48,7 +48,8 @@ class DamagedCheckpoint(ConfigError):
 
 # Config keys whose value is a path: saved absolute, with the workdir's own location (``_origin``), so that a
 # moved or copied workdir finds them again (`resolve_paths`).
-PATH_KEYS = ("data.data_dir", "data.latent_cache", "model.unet.pretrained", "model.vae.pretrained",
+PATH_KEYS = ("data.data_dir", "data.latent_cache", "model.unet.pretrained", "model.dit.pretrained",
+             "model.mmdit.pretrained", "model.vae.pretrained",
              "model.vae.workdir", "model.text_encoder.path", "autoencoder.lpips_vgg", "autoencoder.lpips_lin")
 _NOT_PATHS = ("", "auto")
 

@@ -1,6 +1,9 @@
 """Flax linen networks of latent diffusion, NHWC in and out, with typed frozen configs.
 
     unet = UNet(cfg); out = unet.apply({"params": p}, x, timesteps, context, y=None)
+    dit = DiT(cfg); out = dit.apply({"params": p}, x, timesteps, context, y=None)        # Peebles & Xie 2023
+    mmdit = MMDiT(cfg); out = mmdit.apply({"params": p}, x, timesteps, context, pooled=None)  # SD3's MMDiT
+    backbones.network(cfg) builds whichever of the three a config describes
     vae = AutoencoderKL(cfg); mean, logvar = vae.apply({"params": p}, images, method=vae.encode)
 
 Precision: every module has `dtype` (computation) and `param_dtype` (storage); normalisations and the
@@ -22,6 +25,7 @@ Logical axis names (map them to mesh axes with ``nn.logical_axis_rules``; unmapp
 A typical FSDP rule set: [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_out", "fsdp")].
 """
 
+from ldm_jax.models import backbones
 from ldm_jax.models.attention import (
     FeedForward,
     MultiHeadAttention,
@@ -30,8 +34,22 @@ from ldm_jax.models.attention import (
     TransformerBlock,
     dot_product_attention,
 )
+from ldm_jax.models.dit import DiT, DiTConfig, dit_param_shapes, init_dit
 from ldm_jax.models.layers import GroupNorm, LayerNorm, ResnetBlock, count_params, timestep_embedding, unbox
-from ldm_jax.models.presets import sd15_inpaint_unet, sd15_unet, sd21_unet, sd_vae, tiny_unet, tiny_vae
+from ldm_jax.models.mmdit import MMDiT, MMDiTConfig, init_mmdit, mmdit_param_shapes
+from ldm_jax.models.presets import (
+    dit_xl_2,
+    sd3_medium,
+    sd15_inpaint_unet,
+    sd15_unet,
+    sd21_unet,
+    sd35_medium,
+    sd_vae,
+    tiny_dit,
+    tiny_mmdit,
+    tiny_unet,
+    tiny_vae,
+)
 from ldm_jax.models.text import (
     BertConfig,
     BertEncoder,
@@ -57,6 +75,20 @@ from ldm_jax.models.vae import (
 )
 
 __all__ = [
+    "DiT",
+    "DiTConfig",
+    "MMDiT",
+    "MMDiTConfig",
+    "backbones",
+    "dit_param_shapes",
+    "dit_xl_2",
+    "init_dit",
+    "init_mmdit",
+    "mmdit_param_shapes",
+    "sd35_medium",
+    "sd3_medium",
+    "tiny_dit",
+    "tiny_mmdit",
     "AutoencoderConfig",
     "AutoencoderKL",
     "DiagonalGaussian",

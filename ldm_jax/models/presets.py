@@ -5,10 +5,14 @@ sd15_inpaint_unet()  the same with 9 input channels (latents, mask, masked-image
 sd21_unet()          Stable Diffusion 2.x U-Net (linear projections, 64-wide heads), 865,910,724
 sd_vae()             the SD 1.x/2.x autoencoder (f = 8, 4 latent channels), 83,653,863
 tiny_unet(), tiny_vae()   a few hundred thousand parameters, for CPU tests and smoke runs
+dit_xl_2(), tiny_dit()    DiT-XL/2 (Peebles & Xie 2023) and a small DiT (``models.dit``)
+sd3_medium(), sd35_medium(), tiny_mmdit()   SD3 / SD3.5 medium MMDiTs and a small one (``models.mmdit``)
 """
 
 from __future__ import annotations
 
+from ldm_jax.models.dit import dit_xl_2, tiny_dit
+from ldm_jax.models.mmdit import sd3_medium, sd35_medium, tiny_mmdit
 from ldm_jax.models.unet import UNetConfig
 from ldm_jax.models.vae import AutoencoderConfig
 
@@ -52,3 +56,7 @@ def tiny_vae(**overrides) -> AutoencoderConfig:
     """Three levels (f = 4), 32/64/64 channels, one res block per level, 8 norm groups."""
     base = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
     return AutoencoderConfig(**{**base, **overrides})
+
+
+__all__ = ["dit_xl_2", "sd15_inpaint_unet", "sd15_unet", "sd21_unet", "sd35_medium", "sd3_medium", "sd_vae",
+           "tiny_dit", "tiny_mmdit", "tiny_unet", "tiny_vae"]

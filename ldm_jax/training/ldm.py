@@ -8,6 +8,9 @@ Per step (Rombach et al. 2022, with the diffusion core's choices from ``config.d
     t ~ p(t)  (diffusion.noise_sampling)       x_t = alpha_t z + sigma_t eps
     loss = mean_b  w(t) || f(x_t, timestep(t), c) - target ||^2     (diffusion.loss: prediction x weighting)
 
+f is the configured backbone (``model.backbone``: U-Net, DiT or MMDiT) behind ``ldm.Denoiser``, which feeds it
+x_t and timestep(t), or SD3's rectified-flow input with ``diffusion.network_input="flow"``.
+
 ``data.latent_cache="auto"`` encodes the dataset once into ``workdir/latent_cache`` (VAE posteriors and
 text-encoder states), which removes both frozen encoders from the training step.
 
@@ -36,6 +39,25 @@ from ldm_jax.ldm import LatentDiffusion, SampleConfig, build
 from ldm_jax.models import unbox
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError
+
+
+def cached_latents(batch: dict, rng, vae_config) -> jax.Array:
+    """Latents drawn from a latent cache's posterior: (mean + std eps - shift) * scaling_factor."""
+    z = batch["latent_mean"] + batch["latent_std"] * jax.random.normal(rng, batch["latent_mean"].shape)
+    return (z - vae_config.shift_factor) * vae_config.scaling_factor
+
+
+def noised_loss(denoiser, latents, ctx, r_t, r_noise, schedule, dc: build.DiffusionConfig):
+    """(per-example loss (B,), t) of the stage on given latents and text states: t from the configured noise
+    sampler, x_t = q_sample(t), the denoiser's output scored by ``diffusion.loss`` (prediction x weighting).
+    The planner lowers this same function."""
+    t = diffusion.sample_t(dc.noise_sampling, r_t, latents.shape[0], schedule=schedule,
+                           **dict(dc.noise_sampling_options))
+    noise = jax.random.normal(r_noise, latents.shape)
+    x_t = diffusion.q_sample(schedule, latents, t, noise)
+    out = denoiser(x_t, t, ctx.astype(x_t.dtype))
+    return diffusion.loss(out, latents, noise, t, schedule=schedule, prediction=dc.prediction,
+                          **dc.loss_options()), t
 
 
 class NumericBatches:
@@ -112,7 +134,6 @@ def make_task(config, workdir: str):
     latent_shape = (dcfg.resolution // f, dcfg.resolution // f, model.latent_channels)
     dc = build.diffusion_config(config.diffusion)  # typed here; the traced loss reads only its fields
     dc.check(model.schedule)
-    noise_sampling, noise_options, loss_options = dc.noise_sampling, dict(dc.noise_sampling_options), dc.loss_options()
 
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
@@ -122,10 +143,7 @@ def make_task(config, workdir: str):
     def per_example_loss(params, batch, rng, schedule, frozen):
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
         if "latent_mean" in batch:
-            eps = jax.random.normal(r_lat, batch["latent_mean"].shape)
-            z = batch["latent_mean"] + batch["latent_std"] * eps
-            cfg = model.vae_config
-            latents = (z - cfg.shift_factor) * cfg.scaling_factor
+            latents = cached_latents(batch, r_lat, model.vae_config)
         else:
             latents = model.vae.apply({"params": frozen["vae"]}, batch["image"], r_lat, method=model.vae.latents)
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
@@ -133,14 +151,8 @@ def make_task(config, workdir: str):
             ctx = batch["text_embedding"]
         else:
             ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
-        ctx = jax.lax.stop_gradient(ctx)
-        b = latents.shape[0]
-        t = diffusion.sample_t(noise_sampling, r_t, b, schedule=schedule, **noise_options)
-        noise = jax.random.normal(r_noise, latents.shape)
-        x_t = diffusion.q_sample(schedule, latents, t, noise)
-        out = model.denoiser(params, schedule)(x_t, t, ctx.astype(x_t.dtype))
-        return diffusion.loss(out, latents, noise, t, schedule=schedule, prediction=model.prediction,
-                              **loss_options), t
+        return noised_loss(model.denoiser(params, schedule), latents, jax.lax.stop_gradient(ctx), r_t, r_noise,
+                           schedule, dc)
 
     def schedule_of(extra):
         """The schedule of this step: a learned one from its trained parameters, else the fixed one."""

@@ -63,15 +63,14 @@ import ml_collections
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ldm_jax import diffusion
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.ldm import build
-from ldm_jax.ldm.generate import UNetDenoiser
+from ldm_jax.ldm.generate import Denoiser
 from ldm_jax.ldm.workdirs import is_workdir, read_config
-from ldm_jax.models import hf_text
-from ldm_jax.models.unet import UNet
+from ldm_jax.models import backbones, hf_text
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
+from ldm_jax.training.ldm import cached_latents, noised_loss
 from ldm_jax.training.optim import OptimizerConfig, make_optimizer
 from ldm_jax.training.state import create_state
 from ldm_jax.training.steps import StepConfig, loss_and_grads, make_train_step
@@ -132,45 +131,42 @@ def _vae_config(config):
     return build.vae_config(sec)
 
 
-def _unet_config(config, ctx_dim: int, latent_channels: int):
-    sec = build.section(config.model.get("unet"))
+def _backbone_config(config, ctx_dim: int, latent_channels: int):
+    """The denoiser's config, from a pretrained folder's config.json alone (no weights read) or the preset."""
+    sec = build.backbone_section(config.model)
     options = build.compute_options(config)
     if sec.get("pretrained"):
-        return dconv.unet_config_from_diffusers(_diffusers_config(sec["pretrained"], "unet")).replace(**options)
-    return build.unet_config(sec, cross_attention_dim=ctx_dim, in_channels=latent_channels,
-                             out_channels=latent_channels, **options)
+        name = build.backbone(config.model)
+        if name == "unet":
+            return dconv.unet_config_from_diffusers(_diffusers_config(sec["pretrained"], "unet")).replace(**options)
+        cfg, _ = build.pretrained_backbone(config.model)
+        return cfg.replace(**options)
+    return build.backbone_config(config.model, context_dim=ctx_dim, latent_channels=latent_channels, **options)
 
 
 def ldm_task(config, context: tuple[int, int] | None = None) -> tuple[Task, Callable[[int], PyTree], dict]:
-    """The latent-diffusion step on latent-cache batches (the loss of ``training.ldm`` with ``data.latent_cache``)."""
+    """The latent-diffusion step on latent-cache batches: the stage's own loss (``training.ldm.noised_loss``)
+    as it runs with ``data.latent_cache``."""
     ctx_len, ctx_dim = context or text_context_shape(config)
     vae_cfg = _vae_config(config)
     side, f = int(config.data.resolution), vae_cfg.downsample_factor
     if side % f:
         raise ConfigError(f"data.resolution={side} is not a multiple of the VAE's factor {f}")
     latent_shape = (side // f, side // f, vae_cfg.latent_channels)
-    unet_cfg = _unet_config(config, ctx_dim, vae_cfg.latent_channels)
-    unet = UNet(unet_cfg)
+    net = backbones.network(_backbone_config(config, ctx_dim, vae_cfg.latent_channels))
     dc = build.diffusion_config(config.diffusion)
     schedule = dc.make_schedule()
-    loss_options, noise_options = dc.loss_options(), dict(dc.noise_sampling_options)
 
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
-        return unet.init(rng, x, jnp.zeros((1,)), jnp.zeros((1, ctx_len, ctx_dim), jnp.float32))["params"]
+        return net.init(rng, x, jnp.zeros((1,)), jnp.zeros((1, ctx_len, ctx_dim), jnp.float32))["params"]
 
     def loss_fn(params, batch, rng, step, *, frozen, extra):
         del step, frozen, extra
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
-        z = batch["latent_mean"] + batch["latent_std"] * jax.random.normal(r_lat, batch["latent_mean"].shape)
-        latents = jax.lax.stop_gradient((z - vae_cfg.shift_factor) * vae_cfg.scaling_factor)
-        t = diffusion.sample_t(dc.noise_sampling, r_t, latents.shape[0], schedule=schedule, **noise_options)
-        noise = jax.random.normal(r_noise, latents.shape)
-        x_t = diffusion.q_sample(schedule, latents, t, noise)
-        out = UNetDenoiser(params, schedule, unet, dc.precondition, dc.sigma_data)(
-            x_t, t, batch["text_embedding"].astype(x_t.dtype))
-        per_example = diffusion.loss(out, latents, noise, t, schedule=schedule, prediction=dc.prediction,
-                                     **loss_options)
+        latents = jax.lax.stop_gradient(cached_latents(batch, r_lat, vae_cfg))
+        denoiser = Denoiser(params, schedule, net, dc.precondition, dc.sigma_data, dc.network_input)
+        per_example, t = noised_loss(denoiser, latents, batch["text_embedding"], r_t, r_noise, schedule, dc)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
     def batch(n: int):

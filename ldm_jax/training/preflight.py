@@ -34,10 +34,21 @@ _IDENTITY = {
     "autoencoder": ("train.stage", "model.vae", "data.name", "data.resolution", "data.channels",
                     "data.builder_kwargs", "autoencoder.disc_channels", "autoencoder.disc_layers",
                     "autoencoder.disc_start"),
-    "ldm": ("train.stage", "model.unet", "model.vae", "model.text_encoder", "diffusion", "data.name",
-            "data.resolution", "data.channels", "data.builder_kwargs"),
+    "ldm": ("train.stage", "model.backbone", "model.vae", "model.text_encoder", "diffusion", "data.name",
+            "data.resolution", "data.channels", "data.builder_kwargs"),  # + model.<backbone> (`_identity`)
     "toy": ("train.stage", "toy.width", "toy.extra", "data.resolution"),
 }
+
+
+# Keys added to the schema after runs were saved without them: a saved config that lacks one ran with this value.
+_ADDED_KEYS = {"model.backbone": "unet", "diffusion.network_input": "vp"}
+
+
+def _identity(stage: str, config) -> tuple[str, ...]:
+    keys = _IDENTITY.get(stage, ("train.stage", "model"))
+    if stage == "ldm":  # the denoiser section in use; the other backbones' sections may differ freely
+        keys += (f"model.{(config.get('model', {}) or {}).get('backbone') or 'unet'}",)
+    return keys
 
 
 def _plain(config) -> dict:
@@ -106,8 +117,8 @@ def check_sections(config) -> None:
                                   "set sample.every_steps=0 and eval.every_steps=0 (then sample with ldm-jax sample "
                                   "--spacing=logsnr), or truncate the schedule (diffusion.logsnr_min/logsnr_max)")
         build.TextEncoderConfig.from_config(build.section(config.model.text_encoder))
-        if not build.section(config.model.unet).get("pretrained"):
-            build.unet_config(config.model.unet)
+        if not build.backbone_section(config.model).get("pretrained"):  # backbone name and preset fields
+            build.backbone_config(config.model, context_dim=8, latent_channels=4)
     elif stage == "autoencoder":
         from ldm_jax.ldm import build
         from ldm_jax.training.autoencoder import AutoencoderLossConfig
@@ -144,9 +155,10 @@ def check_paths(config) -> None:
             if stage1 is not None and stage1.get("train", {}).get("stage") != "autoencoder":
                 raise ConfigError(f"config.model.vae.workdir='{vae_dir}' holds a "
                                   f"'{stage1.get('train', {}).get('stage')}' run, not an autoencoder (stage 1) run")
-        if values.get("model.unet.pretrained"):
-            _need(values["model.unet.pretrained"], "model.unet.pretrained", folder=True,
-                  what=" (a diffusers unet folder)")
+        backbone = values.get("model.backbone") or "unet"
+        if values.get(f"model.{backbone}.pretrained"):
+            _need(values[f"model.{backbone}.pretrained"], f"model.{backbone}.pretrained", folder=True,
+                  what=f" (a diffusers {'unet' if backbone == 'unet' else 'transformer'} folder)")
         if values.get("model.text_encoder.path"):
             _need(values["model.text_encoder.path"], "model.text_encoder.path", folder=True,
                   what=" (a Hugging Face CLIP text model folder)")
@@ -193,8 +205,12 @@ def _short(v) -> str:
 def config_differences(saved: dict, config, stage: str) -> tuple[list[str], list[str]]:
     """(differences that make the workdir another run, other differences) between a checkpoint's config and
     the run's, as "key: saved -> now" strings; path-valued keys are not compared."""
-    old, new = flat(saved), flat(_plain(config))
-    identity = _IDENTITY.get(stage, ("train.stage", "model"))
+    plain = _plain(config)
+    old, new = flat(saved), flat(plain)
+    for key, value in _ADDED_KEYS.items():
+        if key not in old and key in new:
+            old[key] = value
+    identity = _identity(stage, plain)
     blocking, other = [], []
     for key in sorted(set(old) | set(new)):
         if key.startswith("_") or key in PATH_KEYS or key.startswith("data.data_dir"):

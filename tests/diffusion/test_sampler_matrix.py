@@ -22,8 +22,8 @@ variance), on `sample`'s default grid (uniform in t from t = 1, final="zero"):
                            (b) the order: errors at 32 and 128 steps on the grid uniform in logSNR
                            (spacing="logsnr": the same compiled loops as (a), and on zero-SNR schedules it starts
                            at the same pure-noise floor), fitted slope above the sampler's order less 0.3:
-                           ddim and euler 1, heun, flow_heun and dpmpp_2m 2, unipc 3 (UniPC-2's corrector adds one; Zhao et
-                           al. 2023). Measured over the matrix: 0.99-1.00, 2.07-2.10, 1.96-2.03, 2.99-3.13
+                           ddim and euler 1, heun, flow_heun and dpmpp_2m 2, unipc 3 (UniPC-2's corrector adds
+                           one; Zhao et al. 2023). Measured over the matrix: 0.99-1.00, 2.07-2.10, 1.96-2.03, 2.99-3.13
                            (2.57 once: `ORDER_SLACK`). v reaches every sampler as the same (x0, eps) pair as x0
                            (`to_x0_eps`; the steps branch only on eps or not), so (b) runs for eps and x0.
 

@@ -132,14 +132,14 @@ def check_workdir_exists(path: str, flag: str = "--workdir") -> None:
 
 
 def run_or_fail(fn, *args, **kwargs):
-    """Calls a library entry (training, the demo, a sweep): a ConfigError becomes one line and exit 2, a
-    non-finite halt one line and exit 1."""
-    from ldm_jax.training.checkpoint import SaveError
+    """Calls a library entry (training, the demo, a sweep): a ConfigError becomes one line and exit 2; a
+    non-finite halt, a failed save and a restore out of memory one line and exit 1."""
+    from ldm_jax.training.checkpoint import RestoreOutOfMemory, SaveError
     from ldm_jax.training.loop import NonFiniteError
 
     try:
         return fn(*args, **kwargs)
     except ConfigError as e:
         fail(str(e).splitlines()[0] if str(e) else "configuration error")
-    except (NonFiniteError, SaveError) as e:
+    except (NonFiniteError, SaveError, RestoreOutOfMemory) as e:
         fail(" ".join(str(e).split()), code=1)

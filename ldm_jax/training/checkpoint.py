@@ -18,6 +18,9 @@ none. Retention: the newest ``keep`` checkpoints, plus every one whose step is a
   ``workdir/checkpoints_corrupt/`` with one warning and the previous one is tried;
 * readable but of another run (other parameter names, shapes or dtypes than the run's state):
   ``CheckpointMismatch`` (a ``ConfigError``) naming the first difference; nothing is moved or changed.
+
+A restore that runs out of host or device memory says nothing about the files: it raises
+``RestoreOutOfMemory`` and leaves the checkpoint where it is.
 """
 
 from __future__ import annotations
@@ -82,6 +85,15 @@ def _is_finite(tree: PyTree) -> bool:
 
 class SaveError(RuntimeError):
     """Writing a checkpoint failed (disk full, folder removed or read-only): the run stops at once."""
+
+
+class RestoreOutOfMemory(RuntimeError):
+    """Restoring a readable checkpoint ran out of host or device memory: nothing is wrong with its files."""
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 class CheckpointMismatch(ConfigError):
@@ -269,12 +281,17 @@ class Checkpointer:
             try:
                 state, data_state = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - matching layout but unreadable arrays: damaged files
+                if _out_of_memory(e):  # says nothing about the files: stop, touch nothing
+                    raise RestoreOutOfMemory(f"restoring checkpoint {where} ran out of memory ({_short(e, 160)}); "
+                                             "the checkpoint was left as it is: restore with more memory per "
+                                             "device (more devices or FSDP: mesh.fsdp)") from e
                 self._set_aside(step, where, e)
                 continue
             return step, state, data_state
         return None
 
     def _set_aside(self, step: int, where: str, error: BaseException) -> None:
+        """A damaged step: one warning, and the step directory moves to ``<directory>_corrupt/``."""
         logger.warning("checkpoint %s is damaged (%s); moved to %s_corrupt/ and falling back to the previous "
                        "checkpoint", where, _short(error, 120), self.directory)
         self._quarantine(step)

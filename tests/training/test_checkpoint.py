@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from ldm_jax.ldm.workdirs import portable_config, read_config, resolve_paths, restore_params
-from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatch, SaveError, _is_finite
+from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatch, RestoreOutOfMemory, SaveError, _is_finite
 from ldm_jax.training.optim import tree_all_finite
 from ldm_jax.training.state import create_state
 
@@ -63,6 +63,22 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     assert os.listdir(tmp_path / "checkpoints_corrupt")  # moved aside, so step 2 can be written again
     assert ckpt.save(2, _state(2.0), {"next_index": 2})
     ckpt.close()
+
+
+def test_running_out_of_memory_while_restoring_moves_nothing(tmp_path, monkeypatch):
+    """Device memory exhausted during a restore is not file damage: the error names it and the step stays."""
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3, async_save=False)
+    ckpt.save(1, _state(1.0), {"next_index": 1})
+    before = _tree_bytes(tmp_path)
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB")
+
+    monkeypatch.setattr(ckpt, "restore", exhausted)
+    with pytest.raises(RestoreOutOfMemory, match="ran out of memory .* left as it is"):
+        ckpt.restore_latest(jax.eval_shape(lambda: _state(0.0)))
+    ckpt.close()
+    assert _tree_bytes(tmp_path) == before and not os.path.exists(tmp_path / "checkpoints_corrupt")
 
 
 def _tree_bytes(root):

@@ -32,6 +32,20 @@ def test_expand_is_the_product_of_grid_zip_and_seeds():
     assert r.config.diffusion.schedule == "cosine" and r.config.train.seed == 1 and "sweep" not in r.config
 
 
+@pytest.mark.parametrize("variant", ["", ":tiny"])
+def test_backbone_study_is_three_backbones_by_two_objectives_and_validates(variant):
+    """configs/backbone_study.py: every run's whole config passes the sweep's checks before anything trains; each
+    backbone trains with both objectives, and the flow runs use SD3's network input."""
+    from ldm_jax.configlib import load_config
+    from ldm_jax.sweeps.stages import validate
+
+    config = load_config("configs/backbone_study.py" + variant)
+    runs = expand(config)
+    validate(config, runs)
+    pairs = {(r.config.model.backbone, r.config.diffusion.prediction, r.config.diffusion.network_input) for r in runs}
+    assert pairs == {(b, p, i) for b in ("unet", "dit", "mmdit") for p, i in (("v", "vp"), ("flow", "flow"))}
+
+
 def test_extra_runs_follow_the_grid_and_duplicates_are_dropped():
     c = _sweep_config()
     c.sweep.extra = (dict(diffusion=dict(schedule="linear", prediction="eps", weighting="uniform", min_snr_gamma=0.0),

@@ -1,5 +1,5 @@
 """The memory/FLOP planner (`ldm_jax.training.plan`, `ldm-jax plan`) against XLA's analyses of the real program, and
-the README's planning table for SD-1.5- and SDXL-size U-Nets.
+the README's planning table for SD-1.5- and SDXL-size U-Nets, a text DiT-XL/2 and SD3-medium's MMDiT.
 
     .venv/bin/python experiments/benchmarks/plan_check.py check     # benchmark U-Net on 8 host CPU devices
     .venv/bin/python experiments/benchmarks/plan_check.py table     # SD-1.5 / SDXL calibrations (CPU, ~15 min)
@@ -45,16 +45,29 @@ HBM = {"H100-80G": 80.0, "TPU v5p": 95.0}
 H100_SD15 = {16: 25.798603013157845, 32: 40.51228637993336}
 
 
-def ldm_config(unet: dict, resolution: int, dtype: str = "float32"):
+def ldm_config(unet: dict, resolution: int, dtype: str = "float32", backbone: str = "unet",
+               latent_channels: int = 4):
     c = base_config()
     c.train.stage = "ldm"
     c.train.dtype = dtype
     c.data.resolution = resolution
-    c.model.vae.preset = "sd"  # f = 8, 4 latent channels
+    c.model.vae.preset = "sd"  # f = 8, 4 latent channels (SD3: 16)
+    c.model.vae.latent_channels = latent_channels
+    c.model.backbone = backbone
     c.model.unet.preset = "sd15"
     for k, v in unet.items():
-        c.model.unet[k] = v
+        c.model[backbone][k] = v
     return c
+
+
+# DiT-XL/2 (28 blocks of 1152, 16 heads, patch 2) made text-to-image as our DiT does it: cross-attention straight to
+# 120 T5-XXL states (4096 wide) in every block and the pooled-text term; 1.02B parameters (PixArt-alpha, the same
+# trunk, first projects the T5 states to 1152 and has 0.61B); 512 px (64x64x4 latents)
+XL2_TEXT_DIT = dict(preset="xl_2", num_classes=None, out_channels=4, sample_size=64)
+# SD3-medium's MMDiT (2,028,328,000 parameters in diffusers) at 1024 px (128x128x16 latents), text = 77 CLIP + 256
+# T5 states of 4096; its pooled input is the mean of the context here (pooled_projection_dim 4096, not 2048:
+# +3.1M parameters)
+SD3_MMDIT = dict(preset="sd3_medium")
 
 
 def check(args) -> dict:
@@ -92,14 +105,21 @@ def check(args) -> dict:
 
 def _models():
     return {"SD-1.5": (ldm_config({}, 512, "bfloat16"), (77, 768), 16),
-            "SDXL-size": (ldm_config(SDXL_UNET, 1024, "bfloat16"), (77, 2048), 4)}
+            "SDXL-size": (ldm_config(SDXL_UNET, 1024, "bfloat16"), (77, 2048), 4),
+            "DiT-XL/2 + text": (ldm_config(XL2_TEXT_DIT, 512, "bfloat16", "dit"), (120, 4096), 16),
+            "SD3-medium MMDiT": (ldm_config(SD3_MMDIT, 1024, "bfloat16", "mmdit", 16), (333, 4096), 4)}
 
 
 def table(args) -> dict:
     """Per model: one-device CPU calibrations (no remat / remat), then the modelled plans on 8..1024 chips."""
     out = {"models": {}, "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__}
     previous = args.previous.get("table", {}).get("models", {}) if args.reuse_calibration else {}
-    for name, (config, context, per_chip) in _models().items():
+    models = _models()
+    only = [m for m in args.models.split(",") if m] if args.models else list(models)
+    if args.models:  # keep the other models' rows of the previous table
+        out["models"].update({k: v for k, v in args.previous.get("table", {}).get("models", {}).items()
+                              if k not in only})
+    for name, (config, context, per_chip) in ((k, models[k]) for k in only):
         cals = dict(previous.get(name, {}).get("calibration", {}))
         for remat in () if cals else (False, True):
             phase(f"{name}: calibration remat={remat}")
@@ -161,6 +181,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="check: global batch")
     p.add_argument("--out", default=OUT)
     p.add_argument("--reuse_calibration", action="store_true", help="table: the calibrations already in --out")
+    p.add_argument("--models", default="", help="table: only these models (comma-separated names of _models)")
     args = p.parse_args(argv)
     res = {}
     if os.path.exists(args.out):

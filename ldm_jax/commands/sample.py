@@ -36,8 +36,8 @@ _STRENGTH = flags.DEFINE_float("strength", None, "img2img/inpaint strength in [0
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image, same size as --init_image (white = repaint).")
 _SAMPLER = flags.DEFINE_string("sampler", None, f"{', '.join(diffusion.SAMPLERS)} (default: the run's "
                                "sample.sampler, else ddim).")
-_SPACING = flags.DEFINE_string("spacing", None, "Time grid: uniform, karras, logsnr, leading, trailing, linspace "
-                               "(default: the model's scheduler config).")
+_SPACING = flags.DEFINE_string("spacing", None, f"Time grid: {', '.join(diffusion.SPACINGS)} (default: the model's "
+                               "scheduler config).")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the run's sample.num_steps, else 50).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale, <= 1: off (default: the "
                                "run's sample.guidance_scale, else 7.5).")

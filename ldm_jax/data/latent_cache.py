@@ -70,6 +70,40 @@ def _records_name(process_index: int, process_count: int) -> str:
     return RECORDS if process_count == 1 else f"latents-{process_index:05d}-of-{process_count:05d}.array_record"
 
 
+def _shard_records_name(shard_id: int) -> str:
+    return f"latents-shard-{shard_id:06d}.array_record"
+
+
+_SHARD_RECORDS_GLOB = "latents-shard-*.array_record"
+
+
+class _RecordFiles:
+    """Array-record writers, one open at a time: the records of one key (a shard id, or 0 for the process's part)
+    arrive together and go to the file `name(key)`."""
+
+    def __init__(self, out: Path, name: Callable[[int], str]):
+        self.out, self.name, self.key, self.writer, self.written = out, name, None, None, set()
+
+    def open(self, key: int) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.close()
+        if key in self.written:
+            raise DataError(f"latent cache: the records of {self.name(key)} did not arrive together")
+        self.key, self.writer = key, ArrayRecordWriter(str(self.out / self.name(key)), "group_size:1")
+
+    def write(self, key: int, record: bytes) -> None:
+        if key != self.key:
+            self.open(key)
+        self.writer.write(record)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.written.add(self.key)
+            self.writer = None
+
+
 def build_latent_cache(
     source_cfg,
     encode_images_fn: Callable[[np.ndarray], tuple],
@@ -94,8 +128,10 @@ def build_latent_cache(
     returns when every process called it) build it together: process p encodes the contiguous p-th part of
     the examples into its own record file, then process 0 writes the manifest listing the files in order, so
     the cache is the same, example for example, as one process would write. A streamed shard set
-    (``name="shards"``) is read once, unshuffled: each process encodes the shards dealt to it (so the order of
-    the cache's examples follows the shard deal of that process count).
+    (``name="shards"``) is read once, unshuffled: each process encodes the shards dealt to it, one record file per
+    shard (``latents-shard-{shard id:06d}.array_record``), and process 0 lists the files in shard order, so the
+    cache (records, their order, the manifest) is the same whatever the number of processes: every readable
+    example, by shard id and then place in its shard.
     """
     from tqdm.auto import tqdm
 
@@ -108,17 +144,18 @@ def build_latent_cache(
         raise ValueError("building a latent cache with several processes needs their barrier")
     if _reuse_existing(out, settings, encoder_ids, overwrite):
         return LatentCache(out)
+    streamed = cfg.name == SOURCE_NAME
     if process_index == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
+        for old in out.glob(_SHARD_RECORDS_GLOB) if streamed else ():
+            old.unlink()  # an earlier build's: the manifest lists the files that exist
     if barrier is not None:
         barrier("ldm_jax_latent_cache_start")
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    if cfg.name == SOURCE_NAME:  # streamed shards: each process encodes the shards dealt to it, in order
+    if streamed:  # each process encodes the shards dealt to it, in order, into one file per shard
         iterator = make_iterator(cfg.replace(batch_size=batch_size * process_count), process_index=process_index,
                                  process_count=process_count)
-        num_examples, start, stop = None, 0, iterator.num_examples
+        num_examples, total, files = None, None, _RecordFiles(out, _shard_records_name)
     else:
         examples, num_examples = global_dataset(cfg)
         start = process_index * num_examples // process_count
@@ -126,11 +163,12 @@ def build_latent_cache(
         batches = examples[start:stop].batch(batch_size, drop_remainder=False, batch_fn=collate)
         iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                                   prefetch_buffer_size=cfg.prefetch)))
-    writer = ArrayRecordWriter(str(out / _records_name(process_index, process_count)), "group_size:1")
+        total = math.ceil((stop - start) / batch_size)
+        files = _RecordFiles(out, lambda _: _records_name(process_index, process_count))
+        files.open(0)
     fields, store = None, np.dtype(dtype)
     try:
-        for batch in tqdm(iterator, total=math.ceil((stop - start) / batch_size), desc="latent cache",
-                          disable=process_index != 0):
+        for batch in tqdm(iterator, total=total, desc="latent cache", disable=process_index != 0):
             n = len(batch["index"])
             mean, std = encode_images_fn(_pad(batch["image"], batch_size))
             text = _as_text_arrays(encode_text_fn(list(batch["caption"]) + [""] * (batch_size - n)))
@@ -138,10 +176,12 @@ def build_latent_cache(
             arrays.update({k: (v.astype(store) if v.dtype.kind == "f" else v)[:n] for k, v in text.items()})
             arrays.update({k: v for k, v in batch.items() if k not in ("image", "caption")})
             fields = fields or _field_specs(arrays)
+            # streamed: index = shard id * 2**32 + place in the shard (`shard_stream`)
+            keys = np.asarray(batch["index"]) >> 32 if streamed else np.zeros(n, np.int64)
             for i in range(n):
-                writer.write(encode_record(fields, arrays, i, str(batch["caption"][i])))
+                files.write(int(keys[i]), encode_record(fields, arrays, i, str(batch["caption"][i])))
     finally:
-        writer.close()
+        files.close()
     uncond = _as_text_arrays(encode_text_fn([""] * batch_size))
     if barrier is not None:
         barrier("ldm_jax_latent_cache_encoded")
@@ -150,8 +190,12 @@ def build_latent_cache(
             raise DataError(f"process 0 encoded no examples for the latent cache {out} ({process_count} "
                             "processes): use fewer processes than examples")
         np.savez(out / UNCOND, **{k: (v.astype(store) if v.dtype.kind == "f" else v)[0] for k, v in uncond.items()})
-        records = [_records_name(p, process_count) for p in range(process_count)]
-        if num_examples is None:  # streamed: the files written by all processes
+        if streamed:  # the shards' files written by all processes, in shard order
+            names = [_shard_records_name(s) for s in range(iterator.num_shards)]
+            records = [name for name in names if (out / name).exists()]
+        else:
+            records = [_records_name(p, process_count) for p in range(process_count)]
+        if num_examples is None:
             num_examples = len(grain.sources.ArrayRecordDataSource([str(out / name) for name in records]))
         manifest = {"format_version": _FORMAT_VERSION, "num_examples": num_examples, "fields": fields,
                     "encoder_ids": encoder_ids, "source": settings, "stored_dtype": store.name,

@@ -1,7 +1,8 @@
 """Latent cache records and their reader, `LatentCache` (a grain data source); `latent_cache.py` writes them.
 
-A cache directory holds ``latents.array_record`` (one record per example), ``manifest.json`` (record layout,
-shapes, dtypes, encoder ids, source settings) and ``uncond.npz`` (the text arrays of the empty caption).
+A cache directory holds array_record files of one record per example (``latents.array_record``, or one file per
+building process or per source shard), ``manifest.json`` (record layout, shapes, dtypes, encoder ids, source
+settings, and the record files in example order) and ``uncond.npz`` (the text arrays of the empty caption).
 Record layout: the raw bytes of every array field in manifest order, then the UTF-8 caption.
 
 The input pipeline reads caches through this module; the writer (`build_latent_cache`) runs the pipeline, so
@@ -57,7 +58,7 @@ class LatentCache:
                             f"this code reads {_FORMAT_VERSION}; rebuild it")
         import grain
 
-        records = self.manifest.get("records", [RECORDS])  # in order: one file per process that built it
+        records = self.manifest.get("records", [RECORDS])  # in example order
         self._source = grain.sources.ArrayRecordDataSource([str(self.path / name) for name in records])
         with np.load(self.path / UNCOND) as uncond:
             self.uncond = {k: uncond[k].astype(np.float32 if uncond[k].dtype.kind == "f" else uncond[k].dtype)

@@ -1,11 +1,12 @@
 """Streaming reader of tar shards (`shards` format): disjoint per host, shuffled with a buffer, resumable
 exactly, robust to corrupt shards, with optional aspect-ratio bucketing. ``data.name="shards"`` selects it.
 
-Config: ``data.builder_kwargs={"paths": "/data/web/*.tar", "shuffle_buffer": 1000, "buckets": None}``. ``paths`` is a
-glob, a folder (its ``*.tar``), a file or a list of these (relative ones under ``data.data_dir`` when it is set);
-their sorted union is the shard list, and a shard's id is its place in it. The other data fields (resolution,
-channels, center_crop, flip, caption_dropout, seed, shuffle, num_epochs, drop_remainder, batch_size, num_threads,
-prefetch) mean what they mean for the other sources.
+Config: ``data.builder_kwargs={"paths": "/data/web/*.tar", "shuffle_buffer": 1000, "buckets": None,
+"bucket_weights": None, "queue_size": None}`` (the last three: see Bucketing). ``paths`` is a glob, a folder (its
+``*.tar``), a file or a list of these (relative ones under ``data.data_dir`` when it is set); their sorted union is
+the shard list, and a shard's id is its place in it. The other data fields (resolution, channels, center_crop, flip,
+caption_dropout, seed, shuffle, num_epochs, drop_remainder, batch_size, num_threads, prefetch) mean what they mean
+for the other sources.
 
 Epoch rule (host p of P processes, epochs e = 0, 1, ...):
   1. The shard list is permuted by a generator seeded with (seed, e) (no permutation with shuffle=False); the
@@ -24,22 +25,42 @@ Epoch rule (host p of P processes, epochs e = 0, 1, ...):
      not depend on the number of hosts, threads or the prefetch depth.
 
 Resume. ``get_state()`` is a small JSON dict: the epoch, the read cursor (shard number in the host's list of the
-epoch, example within it), the buffer as the sorted places of its examples (delta-coded, zlib, base64: about a
-byte per entry), the examples waiting in bucket queues, and counters. ``set_state`` re-reads those examples from their
-shards, so the continued stream equals the uninterrupted one bit for bit. A state saved under other order-fixing
-settings is refused with a one-line ConfigError; one saved with another process count (an elastic restart hands
-every process the state of process 0) continues at the start of the next epoch, with a warning.
+epoch, example within it), the buffer as the sorted places of its examples (delta-coded, zlib, base64: about a byte
+per entry), the examples waiting in bucket queues, the bucket schedule and counters. ``set_state`` re-reads those
+examples from their shards, so the continued stream equals the uninterrupted one bit for bit. A state saved under
+other order-fixing settings is refused with a one-line ConfigError; one saved with another process count (an elastic
+restart hands every process the state of process 0) continues at the start of the next epoch, with a warning.
 
 Corrupt shards. A shard that is missing, unreadable, truncated or without images (`shards.index_shard`) is
 skipped whole at each visit, before any of its examples is used: one warning on the "ldm_jax.data" logger and its
 name in ``state["corrupt_shards"]``. An example whose image cannot be decoded is skipped and counted in
 ``state["skipped_examples"]`` (one warning per shard). The rest of the epoch continues; ``it.stats`` has the counts.
 
-Bucketing. With ``"buckets": [[256, 256], [192, 320], [320, 192]]`` (height, width) each example goes to the bucket
-nearest in log aspect ratio (the first listed on ties) and is resized to cover it and center-cropped
-(``data.resolution`` is then unused). Examples drawn from the buffer wait in their bucket's queue and a batch is
-emitted as soon as one queue holds a host batch, so every batch has one shape; queues carry over epochs and are
-part of the state. Bucketing needs process_count == 1 (hosts would otherwise disagree on a step's shape).
+Bucketing. With ``"buckets": [[256, 256], [192, 320], [320, 192]]`` (height, width) each example belongs to the bucket
+nearest in log aspect ratio (the first listed on ties) and is resized to cover its batch's bucket and center-cropped
+(``data.resolution`` is then unused). Every batch has one shape. Examples drawn from the buffer wait in their bucket's
+queue; queues carry over epochs and are part of the state, so every example of an epoch is emitted once.
+  - One process: a batch is emitted as soon as one queue holds a host batch (B examples).
+  - Several processes: all hosts must feed the same shape at each step, without talking, so the shapes follow a
+    schedule every host computes alike. Scheduled step s (s = 0, 1, ... over the whole run) has the bucket b with
+    the largest (s + 1) w_b - n_b + u_b: n_b counts the earlier steps given to b, u_b is uniform in [0, 1) drawn
+    from (seed, s), and w are the bucket weights (a bucket of weight 0 is never scheduled): ``bucket_weights`` when
+    given (normalized), else the buckets' add-one frequencies among the first 32 examples of 16 shards evenly spaced
+    in the shard list (image headers, read alike by every host at the first step; the state keeps the weights; give
+    ``bucket_weights`` to skip that read, and with it the chance that a read error on one host changes its weights).
+    After any S steps bucket b has had S w_b of them, give or take 2. For step s a host draws examples into the
+    queues until queue b holds B examples or all queues together hold ``queue_size`` (default 2 x B x number of
+    buckets); the batch is queue b's B oldest examples, completed when short by the oldest of the other queues in
+    order of aspect-ratio distance to b. Those are "borrowed" (cropped to b's shape) and counted in
+    ``state["borrowed_examples"]``: about 1% of the examples with the default queue_size and weights that match the
+    data, fewer with a larger queue_size.
+  - Memory: besides the shuffle buffer, the queues hold at most (number of buckets) x B examples with one process
+    and at most ``queue_size`` with several.
+  - The end of a finite stream (num_epochs set): the remaining queued examples are emitted in batches of at most B
+    (one process: queue by queue; several: following the schedule, borrowing), so only the last batch of a queue
+    (one process) or of the host (several) is partial; with drop_remainder those partial batches are dropped
+    instead, counted in ``state["dropped_examples"]``. Nothing else is dropped (unreadable examples aside: see
+    Corrupt shards).
 
 Batches are those of `pipeline`: ``image`` float32 (B, H, W, C) in [-1, 1], ``caption`` (B,) str, ``index`` (B,)
 int64 = shard id * 2**32 + place in shard, and the tokenizer's arrays when a tokenizer is given.
@@ -51,6 +72,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import queue
 import threading
@@ -58,15 +80,14 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
 from ldm_jax.data.common import DataError, logger, options_digest
 from ldm_jax.data.shards import (
-    IMAGE_EXTENSIONS,
     ShardError,
-    ShardIndex,
+    ShardReader,
+    bucket_frequencies,
     decode_image,
     example_caption,
     fit_image,
@@ -79,81 +100,11 @@ from ldm_jax.data.shards import (
 from ldm_jax.types import ConfigError, nearest
 
 SOURCE_NAME = "shards"
-OPTIONS = {"paths": None, "shuffle_buffer": 1000, "buckets": None}
+OPTIONS = {"paths": None, "shuffle_buffer": 1000, "buckets": None, "bucket_weights": None, "queue_size": None}
 _STATE_VERSION = 1
 _PLACE_BITS = 32  # a packed place / batch index is (shard number or id) << 32 | example within the shard
 _BLOCK = 1024  # shuffle-buffer draws per block of counter-based random numbers
-_OPEN_SHARDS = 4  # member indexes (and file handles) kept open
-_SALT_PERM, _SALT_DRAW, _SALT_EXAMPLE = 0x5A4D, 0xD8A7, 0xE7A3
-
-
-class _ShardReader:
-    """Member indexes and open files of the last few shards; reads raw examples (member bytes) by (shard id, place).
-
-    A shard that fails `index_shard` (or a read) reads as None at this visit and is checked again at the next one
-    (so a transient I/O error does not drop it for good); it is warned about once and its name kept in `corrupt`.
-    """
-
-    def __init__(self, paths: list[str], root: str):
-        self.paths, self.root = paths, root
-        self.corrupt: dict[str, str] = {}  # name -> reason
-        self._open: OrderedDict[int, tuple[ShardIndex, Any]] = OrderedDict()
-        self._warned_examples: set[int] = set()
-
-    def name(self, sid: int) -> str:
-        return os.path.relpath(self.paths[sid], self.root)
-
-    def _failed(self, sid: int, error: BaseException) -> None:
-        self.forget(sid)
-        if self.name(sid) not in self.corrupt:
-            logger.warning("shards: skipping corrupt shard %s (%s)", self.paths[sid], error)
-        self.corrupt[self.name(sid)] = str(error)
-
-    def index(self, sid: int) -> ShardIndex | None:
-        if sid in self._open:
-            self._open.move_to_end(sid)
-            return self._open[sid][0]
-        try:
-            shard = index_shard(self.paths[sid])
-            handle = open(self.paths[sid], "rb")  # closed on eviction or close()
-        except (ShardError, OSError) as e:
-            self._failed(sid, e)
-            return None
-        self._open[sid] = (shard, handle)
-        while len(self._open) > _OPEN_SHARDS:
-            self._open.popitem(last=False)[1][1].close()
-        return shard
-
-    def read(self, sid: int, place: int) -> dict[str, bytes] | None:
-        shard = self.index(sid)
-        if shard is None or place >= len(shard):
-            return None
-        handle, out = self._open[sid][1], {}
-        try:
-            for ext, (offset, size) in shard.members[place].items():
-                if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
-                    handle.seek(offset)
-                    out[ext] = handle.read(size)
-                    if len(out[ext]) != size:
-                        raise ShardError(f"member {shard.keys[place]}.{ext} is cut short (the file changed)")
-        except (OSError, ShardError) as e:
-            self._failed(sid, e)
-            return None
-        return out
-
-    def bad_example(self, sid: int, place: int, error: str) -> None:
-        if sid not in self._warned_examples:
-            self._warned_examples.add(sid)
-            logger.warning("shards: skipping unreadable example %d of %s (%s); further ones of this shard are "
-                           "counted silently", place, self.paths[sid], error)
-
-    def forget(self, sid: int) -> None:
-        if sid in self._open:
-            self._open.pop(sid)[1].close()
-
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1][1].close()
+_SALT_PERM, _SALT_DRAW, _SALT_EXAMPLE, _SALT_SCHEDULE = 0x5A4D, 0xD8A7, 0xE7A3, 0x5C4E
 
 
 # ------------------------------------------------------------------------------------------------ reading: config
@@ -176,6 +127,8 @@ class _Spec:
     root: str
     shuffle_buffer: int
     buckets: tuple[tuple[int, int], ...]
+    bucket_weights: tuple[float, ...] | None  # normalized; None: estimated from the data (several processes)
+    queue_size: int  # bound on the examples waiting in all bucket queues together (several processes)
     seed: int
     shuffle: bool
     num_epochs: int | None
@@ -187,6 +140,7 @@ class _Spec:
     caption_dropout: float
     process_index: int
     process_count: int
+    queue_size_option: int | None = None  # as configured (the fingerprint's: the default depends on process_count)
 
     @classmethod
     def from_config(cls, cfg, process_index: int, process_count: int) -> _Spec:
@@ -197,6 +151,9 @@ class _Spec:
         options = {**OPTIONS, **options}
         paths = list_shards(options["paths"], cfg.data_dir)
         buckets = tuple((int(h), int(w)) for h, w in (options["buckets"] or ((cfg.resolution, cfg.resolution),)))
+        weights = tuple(float(w) for w in options["bucket_weights"] or ())
+        host_batch = cfg.batch_size // process_count
+        queue_size = int(options["queue_size"] or 2 * host_batch * len(buckets))
         checks = [
             (cfg.batch_size % process_count == 0, f"batch_size {cfg.batch_size} is not divisible by {process_count} "
                                                   "processes"),
@@ -205,8 +162,9 @@ class _Spec:
                                           "needs at least one shard"),
             (int(options["shuffle_buffer"]) >= 0, f"shuffle_buffer must be >= 0, got {options['shuffle_buffer']}"),
             (all(h > 0 and w > 0 for h, w in buckets), f"buckets must be positive (height, width) pairs: {buckets}"),
-            (not options["buckets"] or process_count == 1, "aspect-ratio buckets need process_count == 1 (hosts "
-                                                           "would disagree on a step's shape)"),
+            (not weights or (len(weights) == len(buckets) and min(weights) >= 0 < sum(weights)),
+             f"bucket_weights must be {len(buckets)} non-negative numbers, not all 0 (one per bucket): {weights}"),
+            (queue_size >= host_batch, f"queue_size {queue_size} is below the host batch {host_batch}"),
             (cfg.num_workers == 0, "the shard reader has no worker processes: set data.num_workers=0 (it decodes "
                                    "with data.num_threads threads)"),
         ]
@@ -214,15 +172,30 @@ class _Spec:
             if not ok:
                 raise ConfigError(f"shards: {message}")
         root = os.path.commonpath([os.path.dirname(p) for p in paths])
-        return cls(tuple(paths), root, int(options["shuffle_buffer"]), buckets, int(cfg.seed), bool(cfg.shuffle),
-                   cfg.num_epochs, bool(cfg.drop_remainder), cfg.batch_size // process_count, cfg.channels,
-                   bool(cfg.center_crop), bool(cfg.flip), float(cfg.caption_dropout), process_index, process_count)
+        weights = tuple(w / sum(weights) for w in weights) if weights else None
+        return cls(tuple(paths), root, int(options["shuffle_buffer"]), buckets, weights, queue_size, int(cfg.seed),
+                   bool(cfg.shuffle), cfg.num_epochs, bool(cfg.drop_remainder), host_batch, cfg.channels,
+                   bool(cfg.center_crop), bool(cfg.flip), float(cfg.caption_dropout), process_index, process_count,
+                   options["queue_size"])
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether batch shapes follow the shared bucket schedule (several buckets and processes)."""
+        return len(self.buckets) > 1 and self.process_count > 1
+
+    def borrow_order(self, b: int) -> list[int]:
+        """Bucket b, then the others by distance in log aspect ratio to it (list order on ties)."""
+        ratio = [math.log(w / h) for h, w in self.buckets]
+        return sorted(range(len(self.buckets)), key=lambda c: (c != b, abs(ratio[c] - ratio[b]), c))
 
     def fingerprint(self) -> dict:
         names = [os.path.relpath(p, self.root) for p in self.paths]
-        buckets = [list(b) for b in self.buckets] if len(self.buckets) > 1 else None  # one: the order ignores it
+        several = len(self.buckets) > 1  # one bucket: the order ignores the bucket settings
+        buckets = [list(b) for b in self.buckets] if several else None
+        weights = list(self.bucket_weights) if several and self.bucket_weights else None
         return {"name": SOURCE_NAME, "seed": self.seed, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
-                "batch_size": self.host_batch * self.process_count, "buckets": buckets,
+                "batch_size": self.host_batch * self.process_count, "buckets": buckets, "bucket_weights": weights,
+                "queue_size": self.queue_size_option if several else None,
                 "num_shards": len(self.paths), "shards_digest": options_digest(names),
                 "process_index": self.process_index, "process_count": self.process_count}
 
@@ -258,12 +231,14 @@ class _Item:
 class _Stream:
     """One host's batches, produced synchronously: shard order, shuffle buffer, bucket queues, state."""
 
-    def __init__(self, spec: _Spec, fns: BatchFns, reader: _ShardReader, pool):
+    def __init__(self, spec: _Spec, fns: BatchFns, reader: ShardReader, pool):
         self.spec, self.fns, self.reader, self.pool = spec, fns, reader, pool
         self._orders: OrderedDict[int, list[int]] = OrderedDict()
         self._draws: tuple[tuple[int, int], np.ndarray] | None = None
         self.queues: list[list[_Item]] = [[] for _ in spec.buckets]
-        self.skipped_examples = self.batches = 0
+        self.skipped_examples = self.batches = self.borrowed_examples = self.dropped_examples = 0
+        self.weights = spec.bucket_weights  # None: estimated on first use (several processes)
+        self.schedule = [0] * len(spec.buckets)  # scheduled batches given to each bucket so far
         self.done = False
         self._start_epoch(0)
 
@@ -356,44 +331,78 @@ class _Stream:
         index = np.int64((item.sid << _PLACE_BITS) | (item.place & _LOW))
         return {"image": np.ascontiguousarray(image), "caption": caption, "index": index}
 
-    def _emit(self, b: int, count: int) -> dict | None:
-        """A batch of the first `count` examples of queue `b`, or None when some were unreadable (they leave the
-        queue, counted; the readable ones stay and are decoded again with the next ones)."""
-        items, size = self.queues[b][:count], self.spec.buckets[b]
+    def _emit(self, b: int, picks: list[tuple[int, int]]) -> dict | None:
+        """A batch of bucket b's shape of the queued examples `picks` ((queue, position) pairs), or None when some
+        were unreadable (they leave their queues, counted; the readable ones stay and are decoded again)."""
+        items, size = [self.queues[c][i] for c, i in picks], self.spec.buckets[b]
         work = lambda item: self._example(item, size)  # noqa: E731
         examples = list(self.pool.map(work, items) if self.pool else map(work, items))
         bad = [i for i, e in enumerate(examples) if isinstance(e, Exception)]
         for i in bad:
             self._skip(items[i], examples[i])
+        gone = {picks[i] for i in bad} if bad else set(picks)
+        for c in {c for c, _ in picks}:
+            self.queues[c] = [it for i, it in enumerate(self.queues[c]) if (c, i) not in gone]
         if bad:
-            self.queues[b] = [it for i, it in enumerate(items) if i not in bad] + self.queues[b][count:]
             return None
-        del self.queues[b][:count]
         batch = self.fns.collate(examples)
         if self.fns.tokenize is not None:
             batch = self.fns.tokenize(batch)
         self.batches += 1
+        self.borrowed_examples += sum(c != b for c, _ in picks)
         return batch
 
-    def next_batch(self) -> dict:
-        n = self.spec.host_batch
-        while not self.done:
+    def _fill(self, until: Callable[[], bool]) -> None:
+        """Draws examples into their buckets' queues until `until()` or the end of a finite stream."""
+        while not self.done and not until():
             item = self._draw()
             if item is None:
                 self.done = True
-                break
-            b = self._bucket(item)
-            if b is not None:
+            elif (b := self._bucket(item)) is not None:
                 self.queues[b].append(item)
-                if len(self.queues[b]) >= n and (batch := self._emit(b, n)) is not None:
-                    return batch
+
+    def next_batch(self) -> dict:
+        return self._next_scheduled() if self.spec.scheduled else self._next_greedy()
+
+    def _next_greedy(self) -> dict:
+        """One process: the first queue to hold a host batch is emitted; at the end, the queues' remainders."""
+        n = self.spec.host_batch
+        while not self.done:
+            self._fill(lambda: any(len(q) >= n for q in self.queues))
+            b = next((b for b, q in enumerate(self.queues) if len(q) >= n), None)
+            if b is not None and (batch := self._emit(b, [(b, i) for i in range(n)])) is not None:
+                return batch
         for b, q in enumerate(self.queues):  # the end of a finite stream: the queues' remainders
             while q and not self.spec.drop_remainder:
-                if (batch := self._emit(b, min(len(q), n))) is not None:
+                if (batch := self._emit(b, [(b, i) for i in range(min(len(q), n))])) is not None:
                     return batch
                 q = self.queues[b]
+            self.dropped_examples += len(q)
             self.queues[b] = []
         raise StopIteration
+
+    def scheduled_bucket(self) -> int:
+        """The bucket of the next scheduled step s: the largest (s + 1) w_b - n_b + u_b (module docstring)."""
+        if self.weights is None:
+            self.weights = bucket_frequencies(self.spec.paths, self.spec.buckets)
+        s, w = sum(self.schedule), np.asarray(self.weights)
+        u = np.random.default_rng([self.spec.seed, s, _SALT_SCHEDULE]).random(len(w))
+        return int(np.argmax(np.where(w > 0, (s + 1) * w - np.asarray(self.schedule) + u, -np.inf)))
+
+    def _next_scheduled(self) -> dict:
+        """Several processes: the scheduled bucket's oldest examples, completed from the nearest other queues."""
+        n = self.spec.host_batch
+        while True:
+            b = self.scheduled_bucket()
+            self._fill(lambda b=b: len(self.queues[b]) >= n or sum(map(len, self.queues)) >= self.spec.queue_size)
+            picks = [(c, i) for c in self.spec.borrow_order(b) for i in range(len(self.queues[c]))][:n]
+            if not picks or (len(picks) < n and self.spec.drop_remainder):  # the end of a finite stream
+                self.dropped_examples += len(picks)
+                self.queues = [[] for _ in self.queues]
+                raise StopIteration
+            if (batch := self._emit(b, picks)) is not None:
+                self.schedule[b] += 1
+                return batch
 
     # ------------------------------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -402,7 +411,9 @@ class _Stream:
             "read_in_epoch": self.read_in_epoch, "buffer": _pack(self.buffer),
             "queues": [[[it.epoch, it.place >> _PLACE_BITS, it.place & _LOW] for it in q] for q in self.queues],
             "done": self.done, "batches": self.batches, "skipped_examples": self.skipped_examples,
-            "corrupt_shards": sorted(self.reader.corrupt),
+            "corrupt_shards": sorted(self.reader.corrupt), "borrowed_examples": self.borrowed_examples,
+            "dropped_examples": self.dropped_examples, "schedule": list(self.schedule),
+            "bucket_weights": list(self.weights) if self.weights is not None else None,
         }
 
     def _fetch(self, epoch: int, k: int, o: int, missing: list) -> _Item | None:
@@ -438,8 +449,14 @@ class _Stream:
         self.done = self.spec.num_epochs is not None and epoch >= self.spec.num_epochs
 
     def restart_counters(self, state: dict) -> None:
-        """The counters of `state` (corrupt shards, skipped examples, batches) without its position."""
+        """The counters of `state` (corrupt shards, skipped examples, batches, the schedule and its weights)
+        without its position."""
         self.skipped_examples, self.batches = int(state["skipped_examples"]), int(state["batches"])
+        self.borrowed_examples = int(state.get("borrowed_examples", 0))
+        self.dropped_examples = int(state.get("dropped_examples", 0))
+        self.schedule = [int(n) for n in state.get("schedule") or [0] * len(self.spec.buckets)]
+        if state.get("bucket_weights") is not None:  # as the other hosts use them, even if the data changed since
+            self.weights = tuple(float(w) for w in state["bucket_weights"])
         known = self.reader.corrupt
         self.reader.corrupt = {n: known.get(n, "recorded in the restored state") for n in state["corrupt_shards"]}
 
@@ -463,7 +480,7 @@ def _produce(stream: _Stream, out: queue.Queue, stop: threading.Event) -> None:
             try:
                 batch = stream.next_batch()
             except StopIteration:
-                put(_END)
+                put((_END, stream.state()))  # the end's counters (dropped examples)
                 return
             if not put((batch, stream.state())):
                 return
@@ -474,7 +491,7 @@ def _produce(stream: _Stream, out: queue.Queue, stop: threading.Event) -> None:
 class _Resources:
     """The prefetch thread, decode pool and open files of an iterator; closed by close() or when it is collected."""
 
-    def __init__(self, reader: _ShardReader, pool):
+    def __init__(self, reader: ShardReader, pool):
         self.reader, self.pool = reader, pool
         self.thread: threading.Thread | None = None
         self.queue: queue.Queue | None = None
@@ -506,7 +523,7 @@ class ShardIterator:
 
     def __init__(self, spec: _Spec, fns: BatchFns, *, num_threads: int = 2, prefetch: int = 4):
         self._spec, self._fingerprint, self._prefetch = spec, spec.fingerprint(), int(prefetch)
-        reader = _ShardReader(list(spec.paths), spec.root)
+        reader = ShardReader(list(spec.paths), spec.root)
         pool = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
         self._resources = _Resources(reader, pool)
         self._finalizer = weakref.finalize(self, self._resources.close)
@@ -526,7 +543,7 @@ class ShardIterator:
             try:
                 batch = self._stream.next_batch()
             except StopIteration:
-                self._ended = True
+                self._ended, self._state = True, self._stream.state()
                 raise
             self._state = self._stream.state()
             return batch
@@ -534,8 +551,8 @@ class ShardIterator:
         if res.thread is None:
             res.start(self._stream, self._prefetch)
         item = res.queue.get()
-        if item is _END:
-            self._ended = True
+        if isinstance(item, tuple) and item[0] is _END:
+            self._ended, self._state = True, item[1]
             raise StopIteration
         if isinstance(item, BaseException):
             res.stop_prefetch()
@@ -545,10 +562,11 @@ class ShardIterator:
 
     @property
     def stats(self) -> dict:
-        """Counters as of the last batch returned: epoch, batches, corrupt shards, skipped examples."""
+        """Counters as of the last batch returned (or the end of the stream): epoch, batches, corrupt shards,
+        skipped, borrowed and dropped examples (see the module docstring)."""
         s = self._state
         return {"epoch": s["epoch"], "batches": s["batches"], "corrupt_shards": len(s["corrupt_shards"]),
-                "skipped_examples": s["skipped_examples"]}
+                **{k: s[k] for k in ("skipped_examples", "borrowed_examples", "dropped_examples")}}
 
     @property
     def num_examples(self) -> int:
@@ -562,6 +580,11 @@ class ShardIterator:
                     pass
             self._num_examples = total
         return self._num_examples
+
+    @property
+    def num_shards(self) -> int:
+        """Shards in the list (readable or not); a shard's id is its place in it."""
+        return len(self._spec.paths)
 
     @property
     def steps_per_epoch(self) -> int:

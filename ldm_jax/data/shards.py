@@ -11,8 +11,9 @@ examples keep the order of their first member. Any tar writer produces readable 
 `index_shard` reads all member headers and checks a shard: every member's data must lie inside the file and the
 end-of-archive block must follow the last member, so a truncated shard is found before any of its examples is used.
 
-`write_shards` writes shards from an image folder (captions and decoding as `image_folder` does them) or from
-records; `shard_stream` reads them (``data.name="shards"``).
+`ShardReader` reads examples' member bytes by (shard id, place), `bucket_frequencies` estimates how examples fall into
+aspect-ratio buckets, `write_shards` writes shards from an image folder (captions and decoding as `image_folder` does
+them) or from records; `shard_stream` streams them (``data.name="shards"``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import math
 import os
 import posixpath
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +41,7 @@ from ldm_jax.types import ConfigError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")
 CAPTION_KEYS = ("caption", "text", "prompt")
+OPEN_SHARDS = 4  # member indexes (and file handles) a ShardReader keeps open
 
 
 class ShardError(DataError):
@@ -140,6 +144,75 @@ def index_shard(path: str) -> ShardIndex:
     return ShardIndex(path, tuple(keys), tuple(groups[k] for k in keys))
 
 
+class ShardReader:
+    """Member indexes and open files of the last few shards; reads raw examples (member bytes) by (shard id, place).
+
+    A shard that fails `index_shard` (or a read) reads as None at this visit and is checked again at the next one
+    (so a transient I/O error does not drop it for good); it is warned about once and its name kept in `corrupt`.
+    """
+
+    def __init__(self, paths: list[str], root: str):
+        self.paths, self.root = paths, root
+        self.corrupt: dict[str, str] = {}  # name -> reason
+        self._open: OrderedDict[int, tuple[ShardIndex, Any]] = OrderedDict()
+        self._warned_examples: set[int] = set()
+
+    def name(self, sid: int) -> str:
+        return os.path.relpath(self.paths[sid], self.root)
+
+    def _failed(self, sid: int, error: BaseException) -> None:
+        self.forget(sid)
+        if self.name(sid) not in self.corrupt:
+            logger.warning("shards: skipping corrupt shard %s (%s)", self.paths[sid], error)
+        self.corrupt[self.name(sid)] = str(error)
+
+    def index(self, sid: int) -> ShardIndex | None:
+        if sid in self._open:
+            self._open.move_to_end(sid)
+            return self._open[sid][0]
+        try:
+            shard = index_shard(self.paths[sid])
+            handle = open(self.paths[sid], "rb")  # closed on eviction or close()
+        except (ShardError, OSError) as e:
+            self._failed(sid, e)
+            return None
+        self._open[sid] = (shard, handle)
+        while len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)[1][1].close()
+        return shard
+
+    def read(self, sid: int, place: int) -> dict[str, bytes] | None:
+        shard = self.index(sid)
+        if shard is None or place >= len(shard):
+            return None
+        handle, out = self._open[sid][1], {}
+        try:
+            for ext, (offset, size) in shard.members[place].items():
+                if ext in IMAGE_EXTENSIONS or ext in ("txt", "json"):
+                    handle.seek(offset)
+                    out[ext] = handle.read(size)
+                    if len(out[ext]) != size:
+                        raise ShardError(f"member {shard.keys[place]}.{ext} is cut short (the file changed)")
+        except (OSError, ShardError) as e:
+            self._failed(sid, e)
+            return None
+        return out
+
+    def bad_example(self, sid: int, place: int, error: str) -> None:
+        if sid not in self._warned_examples:
+            self._warned_examples.add(sid)
+            logger.warning("shards: skipping unreadable example %d of %s (%s); further ones of this shard are "
+                           "counted silently", place, self.paths[sid], error)
+
+    def forget(self, sid: int) -> None:
+        if sid in self._open:
+            self._open.pop(sid)[1].close()
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][1].close()
+
+
 def example_caption(raw: dict[str, bytes]) -> str:
     """The caption of an example's members (``txt``, else ``json``'s caption/text/prompt, else "")."""
     if "txt" in raw:
@@ -204,6 +277,28 @@ def nearest_bucket(height: int, width: int, buckets) -> int:
     """Index of the bucket (h, w) nearest to the image's aspect ratio in log space; the first one on ties."""
     ratio = math.log(width / height)
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - ratio))
+
+
+def bucket_frequencies(paths, buckets, num_shards: int = 16, per_shard: int = 32) -> tuple[float, ...]:
+    """Add-one frequencies of `buckets` (by `nearest_bucket`) among the first `per_shard` examples of `num_shards`
+    shards evenly spaced in `paths` (shard i * len(paths) // num_shards), read from image headers. Unreadable shards
+    and images are left out quietly; the same files give the same result on every host."""
+    counts, n = [1] * len(buckets), len(paths)
+    for sid in sorted({i * n // min(n, num_shards) for i in range(min(n, num_shards))}):
+        try:
+            shard = index_shard(paths[sid])
+            with open(paths[sid], "rb") as f:
+                for members in shard.members[:per_shard]:
+                    ext = next(e for e in IMAGE_EXTENSIONS if e in members)
+                    offset, size = members[ext]
+                    f.seek(offset)
+                    try:
+                        counts[nearest_bucket(*image_size(f.read(size), ext), buckets)] += 1
+                    except Exception:  # noqa: BLE001, S112 - an undecodable image is not counted
+                        continue
+        except (ShardError, OSError):
+            continue
+    return tuple(c / sum(counts) for c in counts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""Latent cache: round trip with toy encoders, reuse, dropout to the empty-caption embedding, exact resume."""
+"""Latent cache: round trip with toy encoders, reuse, dropout to the empty-caption embedding, exact resume, the same
+cache built by 1 or several processes (from a dataset or from tar shards)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from ldm_jax.data import latent_cache
+from ldm_jax.data import latent_cache, write_shards
 from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_cache import build_latent_cache
 from ldm_jax.data.latent_records import LatentCache
@@ -140,3 +141,38 @@ def test_three_processes_build_the_same_cache_as_one(cache, source, tmp_path):
         for k in a:
             if k != "caption":
                 np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_cache_from_shards_is_the_same_on_one_two_and_three_processes(tmp_path):
+    rng = np.random.default_rng(4)
+    records = [{"image": rng.integers(0, 255, (32, 32, 3), np.uint8), "caption": f"shard example {i}"}
+               for i in range(80)]
+    write_shards(records, tmp_path / "shards", 10, image_format="npy")  # 8 shards
+    bad = tmp_path / "shards" / "shard-000002.tar"
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated: every build skips it
+    source = {"name": "shards", "builder_kwargs": {"paths": str(tmp_path / "shards")}, "resolution": 32,
+              "num_threads": 0}
+    ids = {"vae": "toy-pool4", "text": "toy-chars"}
+    caches = []
+    for count in (1, 2, 3):
+        out = tmp_path / f"by{count}"
+        as_processes(count, lambda p, barrier, out=out, count=count: build_latent_cache(
+            source, ToyEncoders().images, ToyEncoders.text, out, BATCH, encoder_ids=ids, process_index=p,
+            process_count=count, barrier=barrier))
+        caches.append(LatentCache(out))
+    one = caches[0]
+    kept = [i for i in range(80) if i // 10 != 2]
+    assert one.manifest["records"] == [f"latents-shard-{s:06d}.array_record" for s in range(8) if s != 2]
+    assert one.manifest["num_examples"] == len(one) == len(kept)
+    assert [one[k]["caption"] for k in range(len(one))] == [records[i]["caption"] for i in kept]  # shard, place
+    np.testing.assert_array_equal([one[k]["index"] for k in range(len(one))], [(i // 10) << 32 | i % 10 for i in kept])
+    for other in caches[1:]:
+        assert other.manifest == one.manifest
+        for k in range(len(one)):
+            a, b = other[k], one[k]
+            assert a.keys() == b.keys() and a["caption"] == b["caption"]
+            for key in a:
+                if key != "caption":
+                    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        for key in one.uncond:
+            np.testing.assert_array_equal(other.uncond[key], one.uncond[key])

@@ -1,5 +1,6 @@
 """Sharded streaming input: 10k+ examples in 64 tar shards read by 2 processes (every example once per epoch),
-exact resume mid-epoch, corrupt shards and images skipped and counted, bucketing, the image-folder writer."""
+exact resume mid-epoch, corrupt shards and images skipped and counted, bucketing on 1, 2 and 4 processes, the
+image-folder writer."""
 
 import io
 import json
@@ -195,8 +196,79 @@ def test_bucketing_single_shape_batches_deterministic_and_resumable(tmp_path):
     restored = make_iterator({**cfg, "prefetch": 0})
     restored.set_state(state)
     _assert_same(list(restored), batches[40:])
-    with pytest.raises(ConfigError, match="buckets need process_count == 1"):
-        make_iterator(cfg, process_index=0, process_count=2)
+    assert restored.stats["borrowed_examples"] == restored.stats["dropped_examples"] == 0
+    with pytest.raises(ConfigError, match="bucket_weights must be 3 non-negative numbers"):
+        make_iterator(_cfg(tmp_path, options={"buckets": buckets, "bucket_weights": [1, 2]}))
+    with pytest.raises(ConfigError, match="queue_size 4 is below the host batch 8"):
+        make_iterator(_cfg(tmp_path, options={"buckets": buckets, "queue_size": 4}, batch_size=16), process_count=2)
+
+
+BUCKETS = [[8, 8], [6, 12], [12, 6]]
+
+
+@pytest.fixture(scope="module")
+def aspect(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aspect")
+    write_shards(_aspect_records(600), out, 50)  # 12 shards, examples of 5 sizes: 2/5, 2/5, 1/5 to the 3 buckets
+    return out
+
+
+def _own_bucket(caption):
+    h, w = map(int, caption.split(" ")[0].split("x"))
+    return tuple(BUCKETS[nearest_bucket(h, w, BUCKETS)])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_buckets_on_several_processes_agree_on_shapes_see_each_example_once_and_drop_by_the_rule(aspect, count):
+    cfg = _cfg(aspect, options={"buckets": BUCKETS, "shuffle_buffer": 32}, batch_size=16, num_epochs=1, flip=True,
+               num_threads=0, prefetch=0)
+    host_batch, hosts, stats = 16 // count, [], []
+    for p in range(count):
+        it = make_iterator({**cfg, "drop_remainder": False}, process_index=p, process_count=count)
+        batches = []
+        for batch in it:
+            batches.append(batch)
+            assert sum(map(len, it.get_state()["queues"])) <= 2 * host_batch * 3  # the default queue_size
+        hosts.append(batches)
+        stats.append(it.stats)
+        # drop_remainder drops exactly the host's last batch when it is partial, and counts it
+        dropping = make_iterator({**cfg, "drop_remainder": True}, process_index=p, process_count=count)
+        tail = len(batches[-1]["index"]) if len(batches[-1]["index"]) < host_batch else 0
+        _assert_same(list(dropping), batches[:-1] if tail else batches)
+        assert dropping.stats["dropped_examples"] == tail and it.stats["dropped_examples"] == 0
+    assert len({len(h) for h in hosts}) == 1  # equal shares (3 or 6 shards of 50): the same number of steps
+    for step in zip(*hosts, strict=True):
+        assert len({b["image"].shape[1:] for b in step}) == 1  # every step: one shape on all hosts
+    assert {b["image"].shape[1:3] for b in hosts[0]} == {tuple(b) for b in BUCKETS}
+    captions = [c for h in hosts for b in h for c in b["caption"]]
+    assert sorted(captions) == sorted(r["caption"] for r in _aspect_records(600))  # each example once
+    borrowed = sum(_own_bucket(c) != b["image"].shape[1:3] for h in hosts for b in h for c in b["caption"])
+    assert 0 < borrowed == sum(s["borrowed_examples"] for s in stats) < 0.1 * len(captions)
+
+
+@pytest.mark.parametrize("count, weights", [(2, None), (4, [2, 2, 1])])
+def test_buckets_on_several_processes_resume_mid_epoch_exactly(aspect, count, weights):
+    cfg = _cfg(aspect, options={"buckets": BUCKETS, "shuffle_buffer": 32, "bucket_weights": weights},
+               batch_size=16, seed=5, flip=True)  # endless, as in training
+    hosts = [make_iterator(cfg, process_index=p, process_count=count) for p in range(count)]
+    for _ in range(20):
+        assert len({next(it)["image"].shape for it in hosts}) == 1
+    states = [json.loads(json.dumps(it.get_state())) for it in hosts]
+    assert all(s["epoch"] == 0 and any(s["queues"]) for s in states)
+    assert len({json.dumps([s["schedule"], s["bucket_weights"]]) for s in states}) == 1
+    if weights:
+        np.testing.assert_allclose(states[0]["bucket_weights"], [0.4, 0.4, 0.2])
+    expected = [[next(it) for _ in range(60)] for it in hosts]  # crosses into the next epoch
+    assert all(it.get_state()["epoch"] >= 1 for it in hosts)
+    for step in zip(*expected, strict=True):
+        assert len({b["image"].shape for b in step}) == 1
+    for p, it in enumerate(hosts):
+        restored = make_iterator({**cfg, "num_threads": 0, "prefetch": 0}, process_index=p, process_count=count)
+        restored.set_state(states[p])
+        _assert_same([next(restored) for _ in range(60)], expected[p])
+        assert restored.get_state() == it.get_state()
+        restored.close()
+        it.close()
 
 
 def test_fit_image_generalises_resize_image():

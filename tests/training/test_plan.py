@@ -57,6 +57,24 @@ def test_state_bytes_are_the_closed_form_count(data, fsdp):
     assert sb["batch_per_example"] == 4 * (2 * 8 * 8 * 4 + 8 * 384)  # latent mean + std, 8 x 384 text states
 
 
+@pytest.mark.parametrize("name", ["dit", "mmdit"])
+def test_transformer_backbones_are_planned_from_their_own_parameters(name):
+    """configs/shapes_<dit|mmdit>.py: the planner builds the configured backbone (not a U-Net), so its state is
+    the transformer's parameter count, the same count the model layer builds and checks workdirs against."""
+    from ldm_jax.ldm import build
+    from ldm_jax.models import backbones
+
+    c = load_config(os.path.join(ROOT, "configs", f"shapes_{name}.py:tiny"))
+    c.model.vae.workdir = ""
+    setup = pl.make_setup(c)
+    sb = pl.state_bytes(setup, pl.abstract_mesh(2, 4))
+    vae = build.vae_config(c.model.vae)
+    cfg = build.backbone_config(c.model, context_dim=384, latent_channels=vae.latent_channels)
+    assert backbones.kind(cfg) == name
+    assert sb["param_count"] == sum(math.prod(s) for s in backbones.param_shapes(cfg).values())
+    assert sb["params"] == sb["gradients"] == sb["ema"]
+
+
 def test_plan_matches_the_compiled_sharded_step():
     res = pl.plan(tiny_config(), devices=8, mesh={"data": 2, "fsdp": 4}, batch_size=64, compare_remat=False,
                   measure=True, calibration_devices=1)

@@ -32,6 +32,7 @@ __all__ = [
     "flatten",
     "linear_to_flax",
     "linear_to_torch",
+    "model_dir",
     "read_safetensors",
     "unflatten",
     "write_safetensors",
@@ -39,6 +40,16 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- files
+def model_dir(path: str | os.PathLike, subfolder: str, what: str = "a diffusers model folder") -> str:
+    """The folder holding a model's config.json: `path` itself, else its `subfolder` (a pipeline folder, e.g.
+    ``transformer/``). FileNotFoundError otherwise, saying to pass `what`."""
+    path = os.fspath(path)
+    for d in (path, os.path.join(path, subfolder)):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    raise FileNotFoundError(f"no config.json in '{path}' or '{os.path.join(path, subfolder)}': pass {what}")
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
     """Writes contiguous numpy arrays to `path` atomically (a temp file renamed into place)."""
     from safetensors.numpy import save_file

@@ -36,6 +36,7 @@ from ldm_jax.convert.common import (
     flatten,
     linear_to_flax,
     linear_to_torch,
+    model_dir,
     unflatten,
     write_safetensors,
 )
@@ -222,15 +223,6 @@ def dit_config_to_diffusers(cfg: DiTConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------- files
-def _model_dir(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    for d in (path, os.path.join(path, "transformer")):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    raise FileNotFoundError(f"no config.json in '{path}' or '{os.path.join(path, 'transformer')}': pass a "
-                            "diffusers DiT folder")
-
-
 def load_dit(
     path: str | os.PathLike, *, variant: str | None = None, strict_embeddings: bool = True, **overrides
 ) -> tuple[DiTConfig, dict]:
@@ -238,7 +230,7 @@ def load_dit(
 
     `overrides` replace config fields that do not change the weights (dtype, param_dtype, remat, attention_impl).
     """
-    d = _model_dir(path)
+    d = model_dir(path, "transformer", "a diffusers DiT folder or a DiT pipeline folder")
     with open(os.path.join(d, "config.json")) as f:
         cfg = dit_config_from_diffusers(json.load(f)).replace(**overrides)
     weights = read_weights(d, variant)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ldm_jax.convert.common import ConversionError, write_safetensors
+from ldm_jax.convert.common import ConversionError, model_dir, write_safetensors
 from ldm_jax.convert.diffusers import WEIGHTS_NAME, params_from_state_dict, read_weights, state_dict_from_params
 from ldm_jax.models.layers import canonical_dtype
 from ldm_jax.models.mmdit import MMDiTConfig, mmdit_param_shapes, pos_embed_table
@@ -112,15 +112,6 @@ def sd3_state_dict_from_params(params: Mapping, cfg: MMDiTConfig) -> dict[str, n
 
 
 # ---------------------------------------------------------------------------- files
-def _model_dir(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    for d in (path, os.path.join(path, "transformer")):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    raise FileNotFoundError(f"no config.json in '{path}' or '{os.path.join(path, 'transformer')}': pass a diffusers "
-                            "SD3Transformer2DModel folder or an SD3 pipeline folder")
-
-
 def load_sd3_transformer(path: str | os.PathLike, *, variant: str | None = None,
                          **overrides) -> tuple[MMDiTConfig, dict]:
     """A diffusers SD3Transformer2DModel folder (or an SD3 pipeline folder) -> (MMDiTConfig, params).
@@ -128,7 +119,7 @@ def load_sd3_transformer(path: str | os.PathLike, *, variant: str | None = None,
     `overrides` replace config fields that do not change the weights (dtype, param_dtype, remat,
     attention_impl, zero_init).
     """
-    d = _model_dir(path)
+    d = model_dir(path, "transformer", "a diffusers SD3Transformer2DModel folder or an SD3 pipeline folder")
     with open(os.path.join(d, "config.json")) as f:
         cfg = sd3_config_from_diffusers(json.load(f)).replace(**overrides)
     return cfg, sd3_params_from_state_dict(read_weights(d, variant), cfg)

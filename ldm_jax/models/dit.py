@@ -37,9 +37,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ldm_jax.models.attention import MultiHeadAttention
 from ldm_jax.models.layers import (
@@ -52,6 +50,14 @@ from ldm_jax.models.layers import (
     param_shapes,
     sequence_constraint,
     timestep_embedding,
+)
+from ldm_jax.models.transformer import (
+    GeluFeedForward,
+    Modulation,
+    grid_coordinates,
+    layer_norm,
+    modulate,
+    sincos_positions_2d,
 )
 from ldm_jax.types import Array, ConfigError, FrozenConfig, PRNGKey, PyTree
 
@@ -139,85 +145,7 @@ class DiTConfig(FrozenConfig):
         return self.sample_size // self.patch_size
 
 
-# ---------------------------------------------------------------------------- positions and norms
-def sincos_positions_2d(dim: int, grid: tuple[int, int], base_size: int, interpolation_scale: float = 1.0):
-    """Fixed 2-D sinusoidal positions, numpy float32 (gh * gw, dim), tokens row-major.
-
-    Coordinates r = arange(gh) * base / gh / s (rows) and col likewise; with w_k = 1e4^(-k / (dim/4)),
-    k < dim/4: emb = [sin(col w), cos(col w), sin(r w), cos(r w)]. At the base grid the coordinates are the
-    integer patch indices (DiT's ``get_2d_sincos_pos_embed``); other grids span the same range.
-    """
-    gh, gw = grid
-    rows = np.arange(gh, dtype=np.float32) / np.float32(gh / base_size) / np.float32(interpolation_scale)
-    cols = np.arange(gw, dtype=np.float32) / np.float32(gw / base_size) / np.float32(interpolation_scale)
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-
-    def one_axis(pos):  # (M,) -> (M, dim / 2)
-        angle = np.outer(pos.astype(np.float64), omega)
-        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
-
-    r, c = np.meshgrid(rows, cols, indexing="ij")
-    return np.concatenate([one_axis(c.reshape(-1)), one_axis(r.reshape(-1))], axis=1).astype(np.float32)
-
-
-def _layer_norm(x: Array, eps: float) -> Array:
-    """LayerNorm without affine parameters, statistics in float32, result in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def _modulate(x: Array, shift: Array, scale: Array) -> Array:
-    """x (B, L, D) * (1 + scale) + shift, with (B, D) scale and shift broadcast over the tokens."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
 # ---------------------------------------------------------------------------- modules
-class AdaLNModulation(nn.Module):
-    """`chunks` (B, hidden) vectors from Dense(SiLU(c)) (parameters ``linear``); zero at init with zero_init."""
-
-    chunks: int
-    zero_init: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, c: Array) -> list[Array]:
-        hidden = c.shape[-1]
-        out = dense(self.chunks * hidden, ("embed", "mlp"), zero_init=self.zero_init, name="linear",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(c))
-        return jnp.split(out, self.chunks, axis=-1)
-
-
-class GELUProjection(nn.Module):
-    """gelu_tanh(x W + b) (parameters ``proj``), diffusers' "gelu-approximate" activation."""
-
-    features: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = dense(self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return nn.gelu(h, approximate=True)
-
-
-class PointwiseMLP(nn.Module):
-    """Dense -> GELU(tanh) -> Dense, hidden width `features` (parameters ``net_0/proj``, ``net_2``)."""
-
-    features: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GELUProjection(self.features, name="net_0", **kw)(x)
-        return dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
-
-
 class DiTBlock(nn.Module):
     """One adaLN-Zero transformer block (module docstring); x (B, L, hidden), c (B, hidden)."""
 
@@ -232,14 +160,14 @@ class DiTBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True,
                     implementation=cfg.attention_impl, **kw)
-        shift1, scale1, gate1, shift2, scale2, gate2 = AdaLNModulation(6, cfg.zero_init, name="norm1", **kw)(c)
-        h = _modulate(_layer_norm(x, _EPS), shift1, scale1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = Modulation(6, cfg.zero_init, name="norm1", **kw)(c)
+        h = modulate(layer_norm(x, _EPS), shift1, scale1)
         x = x + gate1[:, None, :] * MultiHeadAttention(name="attn1", **attn)(h)
         if self.cross_attention:
             h = LayerNorm(_EPS, name="norm2", **kw)(x)
             x = x + MultiHeadAttention(name="attn2", **attn)(h, context)
-        h = _modulate(_layer_norm(x, cfg.mlp_norm_eps), shift2, scale2)
-        x = x + gate2[:, None, :] * PointwiseMLP(cfg.mlp_hidden, name="ff", **kw)(h)
+        h = modulate(layer_norm(x, cfg.mlp_norm_eps), shift2, scale2)
+        x = x + gate2[:, None, :] * GeluFeedForward(cfg.mlp_hidden, name="ff", **kw)(h)
         return sequence_constraint(x)
 
 
@@ -260,7 +188,7 @@ class PatchEmbed(nn.Module):
                     param_dtype=self.param_dtype)
         tokens = proj(x).reshape(b, grid[0] * grid[1], cfg.hidden_size)
         if cfg.positions == "sincos":
-            pos = jnp.asarray(sincos_positions_2d(cfg.hidden_size, grid, cfg.base_grid, cfg.interpolation_scale))
+            pos = dit_positions(cfg, grid)
         elif grid != (cfg.base_grid, cfg.base_grid):
             raise ValueError(
                 f"DiT: learned positions exist for the trained {cfg.sample_size}x{cfg.sample_size} input only, got "
@@ -317,7 +245,7 @@ class DiT(nn.Module):
             2,
             axis=-1,
         )
-        h = _modulate(_layer_norm(tokens, _EPS), shift, scale)
+        h = modulate(layer_norm(tokens, _EPS), shift, scale)
         h = dense(p * p * cfg.out_channels, ("embed", "mlp"), zero_init=cfg.zero_init, name="proj_out_2", **kw)(h)
         # unpatchify: token (i, j) holds its p x p x C patch with channels fastest
         h = h.reshape(b, grid[0], grid[1], p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
@@ -373,6 +301,12 @@ def _check_inputs(cfg: DiTConfig, x, timesteps, context, y) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers and presets
+def dit_positions(cfg: DiTConfig, grid: tuple[int, int]) -> Array:
+    """The fixed sin-cos positions (gh * gw, hidden_size) of a (gh, gw) patch grid (module docstring), float32."""
+    rows, cols = (grid_coordinates(n, cfg.base_grid, cfg.interpolation_scale) for n in grid)
+    return sincos_positions_2d(cfg.hidden_size, rows, cols, xp=jnp)
+
+
 def dit_example_inputs(cfg: DiTConfig, batch: int = 1, resolution: int | None = None, seq_len: int = 1):
     """Zero inputs (x, timesteps, context, y) of the right shapes (context / y None when unused)."""
     r = resolution or cfg.sample_size

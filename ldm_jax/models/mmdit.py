@@ -47,6 +47,14 @@ from ldm_jax.models.layers import (
     sequence_constraint,
     timestep_embedding,
 )
+from ldm_jax.models.transformer import (
+    GeluFeedForward,
+    Modulation,
+    grid_coordinates,
+    layer_norm,
+    modulate,
+    sincos_positions_2d,
+)
 from ldm_jax.types import Array, ConfigError, FrozenConfig, PRNGKey, PyTree
 
 Dtype = Any
@@ -121,60 +129,29 @@ class MMDiTConfig(FrozenConfig):
 
 
 # ---------------------------------------------------------------------------- positions
-def _grid(cfg: MMDiTConfig) -> np.ndarray:
+def _axis(cfg: MMDiTConfig) -> np.ndarray:
     """Coordinates of the pos_embed_max_size cells along one axis: n * base / max (float32, as diffusers)."""
-    m, base = cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size
-    return np.arange(m, dtype=np.float32) / np.float32(m / base)
-
-
-def _sincos(dim: int, pos: np.ndarray) -> np.ndarray:
-    """(n, dim) float64 [sin(pos w_k), cos(pos w_k)], w_k = 10000^(-k / (dim / 2)), k < dim / 2."""
-    omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    args = np.outer(pos.astype(np.float64), omega)
-    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return grid_coordinates(cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size)
 
 
 def pos_embed_table(cfg: MMDiTConfig) -> np.ndarray:
     """The full (max * max, D) float32 position table, row-major over the grid (diffusers' `pos_embed` buffer)."""
-    m, half = cfg.pos_embed_max_size, cfg.hidden // 2
-    axis = _sincos(half, _grid(cfg))
-    cols = np.broadcast_to(axis[None, :, :], (m, m, half))
-    rows = np.broadcast_to(axis[:, None, :], (m, m, half))
-    return np.concatenate([cols, rows], axis=-1).reshape(m * m, cfg.hidden).astype(np.float32)
+    axis = _axis(cfg)
+    return sincos_positions_2d(cfg.hidden, axis, axis)
 
 
 def cropped_positions(cfg: MMDiTConfig, h: int, w: int) -> Array:
-    """(h * w, D) positions of an h x w patch grid: the centred crop of the table (built from two small axis
-    tables, so no max^2-sized constant enters the program)."""
+    """(h * w, D) positions of an h x w patch grid: the centred crop of the table (assembled in jax.numpy from
+    the cropped axis tables, so no max^2-sized constant enters the program)."""
     m = cfg.pos_embed_max_size
     if h > m or w > m:
         raise ValueError(f"MMDiT: a {h} x {w} patch grid exceeds pos_embed_max_size={m}; use latents of at most "
                          f"{m * cfg.patch_size} pixels a side")
-    top, left = (m - h) // 2, (m - w) // 2
-    axis = _sincos(cfg.hidden // 2, _grid(cfg)).astype(np.float32)
-    rows, cols = jnp.asarray(axis[top:top + h]), jnp.asarray(axis[left:left + w])
-    half = cfg.hidden // 2
-    grid = jnp.concatenate(
-        [jnp.broadcast_to(cols[None], (h, w, half)), jnp.broadcast_to(rows[:, None], (h, w, half))], axis=-1
-    )
-    return grid.reshape(h * w, cfg.hidden)
+    top, left, axis = (m - h) // 2, (m - w) // 2, _axis(cfg)
+    return sincos_positions_2d(cfg.hidden, axis[top:top + h], axis[left:left + w], xp=jnp)
 
 
 # ---------------------------------------------------------------------------- layers
-def _layer_norm(x: Array) -> Array:
-    """Parameter-free LayerNorm (eps 1e-6) in float32."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + _EPS)
-
-
-def _modulate(normed: Array, shift: Array, scale: Array, dtype: Dtype) -> Array:
-    """normed * (1 + scale) + shift with (B, D) scale/shift broadcast over tokens, in float32."""
-    scale, shift = scale.astype(jnp.float32)[:, None], shift.astype(jnp.float32)[:, None]
-    return (normed * (1.0 + scale) + shift).astype(dtype)
-
-
 def _gated(gate: Array, h: Array) -> Array:
     return gate[:, None].astype(h.dtype) * h
 
@@ -193,52 +170,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-class Modulation(nn.Module):
-    """adaLN parameters (Peebles & Xie 2023): `chunks` vectors of width `features` = split(Linear(silu(y))).
-
-    The order of the chunks is the caller's convention (AdaLayerNormZero: shift, scale, gate, shift, scale,
-    gate[, shift, scale, gate]; AdaLayerNormContinuous: scale, shift). `zero_init` starts the Linear at 0.
-    """
-
-    features: int
-    chunks: int
-    zero_init: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, y: Array) -> list[Array]:
-        lin = dense(self.chunks * self.features, ("embed", "mlp"), zero_init=self.zero_init, name="linear",
-                    dtype=self.dtype, param_dtype=self.param_dtype)
-        return jnp.split(lin(nn.silu(y)), self.chunks, axis=-1)
-
-
-class GeluProjection(nn.Module):
-    """gelu_tanh(x W + b) with W: (dim, `features`) (diffusers' GELU(approximate="tanh"), parameter `proj`)."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = dense(self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return nn.gelu(h, approximate=True)
-
-
-class GeluFeedForward(nn.Module):
-    """The MMDiT MLP: out = net_2(gelu_tanh(net_0(x))), hidden width 4 * dim (no gating, unlike the U-Net's)."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GeluProjection(4 * x.shape[-1], name="net_0", **kw)(x)
-        return dense(x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
 
 
 def _split_heads(t: Array, heads: int) -> Array:
@@ -307,32 +238,33 @@ class JointBlock(nn.Module):
     def __call__(self, x: Array, c: Array, y: Array) -> tuple[Array, Array | None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim, dt = x.shape[-1], self.dtype
-        mod = lambda chunks, name: Modulation(dim, chunks, zero_init=self.zero_init, name=name, **kw)(y)
+        mod = lambda chunks, name: Modulation(chunks, zero_init=self.zero_init, name=name, **kw)(y)
+        norm = lambda s: layer_norm(s, _EPS, jnp.float32)  # kept in float32 into `modulate`
+        ff = lambda name: GeluFeedForward(4 * dim, name=name, **kw)
         attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
                     implementation=self.implementation, **kw)
         # image modulation: (shift, scale, gate) for attention, MLP[, second attention]
         m = mod(9 if self.dual_attention else 6, "norm1")
-        nx = _layer_norm(x)
+        nx = norm(x)
         if self.context_pre_only:
             scale_c, shift_c = mod(2, "norm1_context")  # AdaLayerNormContinuous: no gates, no text output
-            hc = _modulate(_layer_norm(c), shift_c, scale_c, dt)
+            hc = modulate(norm(c), shift_c, scale_c, dt)
         else:
             mc = mod(6, "norm1_context")
-            hc = _modulate(_layer_norm(c), mc[0], mc[1], dt)
+            hc = modulate(norm(c), mc[0], mc[1], dt)
         ax, ac = JointAttention(context_output=not self.context_pre_only, name="attn", **attn)(
-            _modulate(nx, m[0], m[1], dt), hc
+            modulate(nx, m[0], m[1], dt), hc
         )
         x = x + _gated(m[2], ax)
         if self.dual_attention:
-            a2, _ = JointAttention(name="attn2", **attn)(_modulate(nx, m[6], m[7], dt))
+            a2, _ = JointAttention(name="attn2", **attn)(modulate(nx, m[6], m[7], dt))
             x = x + _gated(m[8], a2)
-        x = x + _gated(m[5], GeluFeedForward(name="ff", **kw)(_modulate(_layer_norm(x), m[3], m[4], dt)))
+        x = x + _gated(m[5], ff("ff")(modulate(norm(x), m[3], m[4], dt)))
         x = sequence_constraint(x)
         if self.context_pre_only:
             return x, None
         c = c + _gated(mc[2], ac)
-        ff_c = GeluFeedForward(name="ff_context", **kw)
-        c = c + _gated(mc[5], ff_c(_modulate(_layer_norm(c), mc[3], mc[4], dt)))
+        c = c + _gated(mc[5], ff("ff_context")(modulate(norm(c), mc[3], mc[4], dt)))
         return x, sequence_constraint(c)
 
 
@@ -413,8 +345,8 @@ class MMDiT(nn.Module):
                 name=f"transformer_blocks_{i}",
                 **kw,
             )(h, c, y)
-        scale, shift = Modulation(d, 2, zero_init=cfg.zero_init, name="norm_out", **kw)(y)
-        h = _modulate(_layer_norm(h), shift, scale, dtype)
+        scale, shift = Modulation(2, zero_init=cfg.zero_init, name="norm_out", **kw)(y)
+        h = modulate(layer_norm(h, _EPS, jnp.float32), shift, scale, dtype)
         h = dense(p * p * cfg.out_channels, ("embed", "mlp"), zero_init=cfg.zero_init, name="proj_out", **kw)(h)
         # token (i, j) holds its patch as (p_row, p_col, channel): back to (B, H, W, C)
         h = h.reshape(b, height // p, width // p, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)

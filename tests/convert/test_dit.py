@@ -13,6 +13,7 @@ from ldm_jax.convert import dit as dconv
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.models import dit as D
 from ldm_jax.types import ConfigError
+from tests.convert.transformer_helpers import rel_err, tree_equal
 
 TINY = dict(  # learned-sigma outputs (8 = 2 x in_channels), 10 classes (+1 null row)
     num_attention_heads=2,
@@ -24,18 +25,6 @@ TINY = dict(  # learned-sigma outputs (8 = 2 x in_channels), 10 classes (+1 null
     patch_size=2,
     num_embeds_ada_norm=10,
 )
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def tree_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 def make_torch_dit(seed=0):
@@ -104,7 +93,8 @@ def test_sincos_positions_match_diffusers_on_non_square_grids():
 
     for grid, base, scale in (((4, 4), 4, 1.0), ((3, 5), 4, 1.0), ((6, 2), 4, 2.0)):
         want = get_2d_sincos_pos_embed(16, grid, base_size=base, interpolation_scale=scale).float().numpy()
-        np.testing.assert_allclose(D.sincos_positions_2d(16, grid, base, scale), want, atol=1e-6)
+        ours = D.dit_positions(D.tiny_dit(hidden_size=16, sample_size=2 * base, interpolation_scale=scale), grid)
+        np.testing.assert_allclose(ours, want, atol=1e-6)
 
 
 def test_our_parameters_export_to_diffusers_with_the_same_outputs(apply_fn, tmp_path):

@@ -12,6 +12,7 @@ from ldm_jax.convert import sd3
 from ldm_jax.convert.common import ConversionError, flatten, unflatten
 from ldm_jax.models import mmdit as M
 from ldm_jax.types import ConfigError
+from tests.convert.transformer_helpers import rel_err, tree_equal
 
 TINY = dict(  # 3 blocks of 2 heads x 8, an odd pos grid, context and pooled widths of their own
     sample_size=8,
@@ -63,18 +64,6 @@ def torch_forward(model, x, t, ctx, pooled):
             timestep=torch.from_numpy(t),
         ).sample
     return out.numpy().transpose(0, 2, 3, 1)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def tree_equal(a, b):
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

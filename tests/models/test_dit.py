@@ -180,7 +180,7 @@ def test_dit_xl_2_parameter_count_matches_diffusers():
 
 
 def test_sincos_positions_at_the_base_grid_are_the_patch_indices():
-    pos = D.sincos_positions_2d(8, (2, 3), base_size=2)
+    pos = np.asarray(D.dit_positions(D.tiny_dit(hidden_size=8, num_heads=2, sample_size=4), (2, 3)))
     # token (i, j) = 3 i + j; the first half encodes the column, the second the row, each as
     # [sin(u), sin(u / 100), cos(u), cos(u / 100)] (dim 8: frequencies 1e4^(-k/2), k = 0, 1)
     feats = lambda u: [np.sin(u), np.sin(u / 100), np.cos(u), np.cos(u / 100)]

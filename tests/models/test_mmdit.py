@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from ldm_jax.models import mmdit as M
 from ldm_jax.models.layers import count_params, unbox
+from ldm_jax.models.transformer import modulate
 from ldm_jax.models.weights import unflatten
 from ldm_jax.training import sharding as shd
 from ldm_jax.types import ConfigError
@@ -180,6 +181,16 @@ def test_positions_are_the_centred_crop_of_the_table():
     np.testing.assert_allclose(col[0], np.sin(3 * 4 / 7), rtol=1e-6)
     with pytest.raises(ValueError, match="exceeds pos_embed_max_size=7"):
         M.cropped_positions(cfg, 8, 2)
+
+
+def test_modulate_dtype_rule():
+    # bfloat16 keeps 8 significant bits: 1 + 2^-9 rounds to 1, so (1 + 2^-9)(1 + 2^-9) - 1 survives only in float32
+    x = jnp.full((1, 1, 1), 1 + 2.0**-9, jnp.float32)
+    scale, shift = jnp.full((1, 1), 2.0**-9, jnp.bfloat16), jnp.full((1, 1), -1.0, jnp.bfloat16)
+    mmdit = modulate(x, shift, scale, jnp.bfloat16)  # float32 arithmetic, one rounding at the end
+    dit = modulate(x.astype(jnp.bfloat16), shift, scale)  # everything in x's dtype
+    assert mmdit.dtype == dit.dtype == jnp.bfloat16
+    assert float(mmdit[0, 0, 0]) == float(jnp.bfloat16(2.0**-8 + 2.0**-18)) and float(dit[0, 0, 0]) == 0.0
 
 
 def test_bad_configs_and_inputs_give_one_line_errors():

@@ -6,6 +6,9 @@ One ``.safetensors`` or ``.ckpt`` file holds the whole LatentDiffusion model:
     first_stage_model.*          the KL autoencoder (encoder.down.{l}.block.{j}, mid.attn_1, decoder.up...)
     cond_stage_model.transformer.text_model.*   SD 1.x: the HF CLIPTextModel keys verbatim
     cond_stage_model.model.*     SD 2.x: OpenCLIP (transformer.resblocks.{i}, fused attn.in_proj)
+    conditioner.embedders.{i}.*  SDXL (Stability's sgm layout): base = CLIP-L ('0.transformer.', HF keys) +
+                                 OpenCLIP-bigG ('1.model.', with its text_projection); refiner = bigG only
+                                 ('0.model.'); the U-Net's added embedding is 'label_emb.0.{0,2}'
 
 Every part is renamed to diffusers' key names and handed to the strict diffusers / HF converters, so the
 same key and shape checks apply. Architectures are inferred from the tensor shapes; what the weights do
@@ -23,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert import hf
 from ldm_jax.convert.common import ConversionError, check_tree, read_safetensors
+from ldm_jax.models.text import CLIPTextConfig
 from ldm_jax.models.unet import UNetConfig, unet_param_shapes
 from ldm_jax.models.vae import AutoencoderConfig, vae_param_shapes
 from ldm_jax.types import ConfigError
@@ -32,7 +37,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
-KINDS = ("sd15", "sd21")
+SDXL_PREFIX = "conditioner.embedders."
+KINDS = ("sd15", "sd21", "sdxl")
+SDXL_TIME_EMBED_DIM = 256  # SDXL's addition_time_embed_dim: the weights do not tell it
+SDXL_SCALING_FACTOR = 0.13025
 
 _RES = {
     "norm1": "in_layers.0",
@@ -59,6 +67,8 @@ def unet_compvis_name(key: str, cfg: UNetConfig) -> str:
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
         "class_embedding": "label_emb",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -165,16 +175,22 @@ _OPENCLIP = [
 _OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 
 
-def openclip_to_hf_clip(state_dict: Mapping[str, np.ndarray], num_layers: int | None = None) -> dict:
+def openclip_to_hf_clip(
+    state_dict: Mapping[str, np.ndarray], num_layers: int | None = None, projection: bool = False
+) -> dict:
     """OpenCLIP text-tower keys (prefix stripped) -> HF CLIPTextModel keys ('text_model.' prefixed).
 
     The fused ``attn.in_proj_{weight,bias}`` (3D, ...) is split into q/k/v_proj. Layers with index >=
     `num_layers` are dropped (SD 2.x conditions on the penultimate layer, so its 24th layer is unused);
-    ``text_projection`` and ``logit_scale`` are dropped. Unknown keys pass through unchanged, so the
-    strict CLIP converter reports them.
+    ``logit_scale`` is dropped, and so is ``text_projection`` unless `projection` (SDXL's bigG: OpenCLIP
+    multiplies x @ P, so CLIPTextModelWithProjection's ``text_projection.weight`` is P transposed). Unknown
+    keys pass through unchanged, so the strict CLIP converter reports them.
     """
     out = {}
     for key, v in state_dict.items():
+        if key == "text_projection" and projection:
+            out["text_projection.weight"] = np.ascontiguousarray(np.asarray(v).T)
+            continue
         if key in _OPENCLIP_UNUSED:
             continue
         layer = re.match(r"transformer\.resblocks\.(\d+)\.", key)
@@ -197,22 +213,49 @@ def _count(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def infer_text_config(state_dict: Mapping[str, np.ndarray], kind: str) -> Any:
-    """CLIPTextConfig from CompVis text-encoder weights: widths from shapes, 64-wide heads; SD 2.x keeps
-    all but the last of its OpenCLIP layers, with gelu (SD 1.x: quick_gelu)."""
-    from ldm_jax.models.text import CLIPTextConfig
-
-    if kind == "sd21":
-        part = _strip(state_dict, OPENCLIP_PREFIX)
-        tok, pos = part["token_embedding.weight"], part["positional_embedding"]
-        layers = _count(part, r"transformer\.resblocks\.(\d+)\.") - 1
-        inter = part["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        act = "gelu"
+def _text_parts(state_dict: Mapping[str, np.ndarray], kind: str) -> dict[str, tuple[str, str]]:
+    """{part: (key prefix, layout)} of the text encoders in the file. Layouts: 'hf' (HF CLIPTextModel keys,
+    'text_model.' inside), 'openclip' (SD 2.x: the last layer is dropped) and 'openclip_projection' (SDXL's
+    bigG: every layer and the text projection kept). Part names follow diffusers' pipeline folders."""
+    if kind == "sd15":
+        found = {"text_encoder": (CLIP_PREFIX, "hf")}
+    elif kind == "sd21":
+        found = {"text_encoder": (OPENCLIP_PREFIX, "openclip")}
     else:
-        part = {k.removeprefix("text_model."): v for k, v in _strip(state_dict, CLIP_PREFIX).items()}
-        tok, pos = part["embeddings.token_embedding.weight"], part["embeddings.position_embedding.weight"]
-        layers = _count(part, r"encoder\.layers\.(\d+)\.")
-        inter = part["encoder.layers.0.mlp.fc1.weight"].shape[0]
+        found = {"text_encoder": (f"{SDXL_PREFIX}0.transformer.", "hf")}
+        bigg = [f"{SDXL_PREFIX}{i}.model." for i in (1, 0)]
+        found["text_encoder_2"] = (next((p for p in bigg if any(k.startswith(p) for k in state_dict)), bigg[0]),
+                                   "openclip_projection")
+    return {name: v for name, v in found.items() if any(k.startswith(v[0]) for k in state_dict)}
+
+
+def _text_part(state_dict: Mapping[str, np.ndarray], kind: str, part: str) -> tuple[str, str]:
+    parts = _text_parts(state_dict, kind)
+    if part not in parts:
+        raise ConversionError(f"no '{part}' weights for a {kind} checkpoint (found: {sorted(parts) or 'none'})")
+    return parts[part]
+
+
+def infer_text_config(state_dict: Mapping[str, np.ndarray], kind: str, part: str = "text_encoder") -> CLIPTextConfig:
+    """CLIPTextConfig from CompVis text-encoder weights: widths from shapes, 64-wide heads; SD 2.x keeps
+    all but the last of its OpenCLIP layers, with gelu (SD 1.x and SDXL's CLIP-L: quick_gelu). SDXL's
+    ``text_encoder_2`` (bigG) keeps every layer and its projection, and pools at the largest id as OpenCLIP
+    does (eos_token_id=2, transformers' legacy rule)."""
+    prefix, layout = _text_part(state_dict, kind, part)
+    extra: dict[str, Any] = {}
+    if layout.startswith("openclip"):
+        p = _strip(state_dict, prefix)
+        tok, pos = p["token_embedding.weight"], p["positional_embedding"]
+        layers = _count(p, r"transformer\.resblocks\.(\d+)\.") - (layout == "openclip")
+        inter = p["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        act = "gelu"
+        if layout == "openclip_projection":
+            extra = dict(projection_dim=int(p["text_projection"].shape[1]), eos_token_id=2)
+    else:
+        p = {k.removeprefix("text_model."): v for k, v in _strip(state_dict, prefix).items()}
+        tok, pos = p["embeddings.token_embedding.weight"], p["embeddings.position_embedding.weight"]
+        layers = _count(p, r"encoder\.layers\.(\d+)\.")
+        inter = p["encoder.layers.0.mlp.fc1.weight"].shape[0]
         act = "quick_gelu"
     width = tok.shape[1]
     return CLIPTextConfig(
@@ -223,33 +266,55 @@ def infer_text_config(state_dict: Mapping[str, np.ndarray], kind: str) -> Any:
         num_heads=max(1, width // 64),
         max_length=pos.shape[0],
         hidden_act=act,
+        **extra,
     )
 
 
-def text_params_from_compvis(state_dict: Mapping[str, np.ndarray], cfg: Any, kind: str) -> dict:
-    """SD 1.x ('cond_stage_model.transformer.*') or SD 2.x ('cond_stage_model.model.*') text weights ->
-    CLIPTextEncoder params (through ``ldm_jax.convert.hf.clip_text_params_from_state_dict``)."""
-    from ldm_jax.convert import hf
-
-    if kind == "sd21":
-        hf_sd = openclip_to_hf_clip(_strip(state_dict, OPENCLIP_PREFIX), cfg.num_layers)
-    else:
-        hf_sd = _strip(state_dict, CLIP_PREFIX)
+def text_params_from_compvis(
+    state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig, kind: str, part: str = "text_encoder"
+) -> dict:
+    """SD 1.x ('cond_stage_model.transformer.*'), SD 2.x ('cond_stage_model.model.*') or SDXL
+    ('conditioner.embedders.*', `part` 'text_encoder' or 'text_encoder_2') text weights -> CLIPTextEncoder
+    params (through ``ldm_jax.convert.hf.clip_text_params_from_state_dict``)."""
+    prefix, layout = _text_part(state_dict, kind, part)
+    if layout == "hf":
+        return hf.clip_text_params_from_state_dict(_strip(state_dict, prefix), cfg)
+    keep = cfg.num_layers if layout == "openclip" else None
+    hf_sd = openclip_to_hf_clip(_strip(state_dict, prefix), keep, projection=layout == "openclip_projection")
     return hf.clip_text_params_from_state_dict(hf_sd, cfg)
 
 
 # ---------------------------------------------------------------------------- config inference
 def detect_kind(state_dict: Mapping[str, np.ndarray]) -> str:
-    """'sd21' when the text encoder is OpenCLIP or the U-Net projections are linear, else 'sd15'."""
+    """'sdxl' when the file has sgm's conditioner or the U-Net an added embedding ('label_emb.0.0'); 'sd21'
+    when the text encoder is OpenCLIP or the U-Net projections are linear; else 'sd15'."""
+    if any(k.startswith(SDXL_PREFIX) for k in state_dict) or UNET_PREFIX + "label_emb.0.0.weight" in state_dict:
+        return "sdxl"
     if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict):
         return "sd21"
     proj = state_dict.get(UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
     return "sd21" if proj is not None and np.ndim(proj) == 2 else "sd15"
 
 
+def _depths(part: Mapping, firsts: list[int], attn: tuple[bool, ...]) -> int | tuple[int, ...]:
+    """Transformer depth per level. Levels without attention have none; the last level's entry is the mid
+    block's depth (the U-Net's convention, as diffusers'), and the others take the common depth when there is
+    one (SDXL refiner: 4), else 1 (SDXL base: (1, 2, 10))."""
+    count = lambda prefix: _count(part, rf"{prefix}\.transformer_blocks\.(\d+)\.")
+    found = [count(f"input_blocks\\.{b}\\.1") if a else None for b, a in zip(firsts, attn)]
+    if not attn[-1]:
+        found[-1] = max(1, count(r"middle_block\.1"))
+    known = {d for d in found if d is not None}
+    fill = next(iter(known)) if len(known) == 1 else 1
+    depth = tuple(fill if d is None else d for d in found)
+    return depth[0] if len(set(depth)) == 1 else depth
+
+
 def infer_unet_config(state_dict: Mapping[str, np.ndarray], kind: str = "sd15", **fixed) -> UNetConfig:
-    """UNetConfig from CompVis U-Net weight shapes. Heads come from `kind` (sd15: 8 per level, sd21:
-    64 wide); `fixed` sets fields the weights cannot tell (num_heads, head_dim, norm_num_groups, ...)."""
+    """UNetConfig from CompVis U-Net weight shapes. Heads come from `kind` (sd15: 8 per level, sd21 and
+    sdxl: 64 wide); `fixed` sets fields the weights cannot tell (num_heads, head_dim, norm_num_groups, ...).
+    An added embedding ('label_emb.0.0', SDXL) gives addition_embed_type='text_time' with the input width
+    from the weights and addition_time_embed_dim=256 (SDXL's; the weights only fix the total)."""
     part = _strip(state_dict, UNET_PREFIX) or dict(state_dict)
     try:
         num_blocks = _count(part, r"input_blocks\.(\d+)\.")
@@ -258,7 +323,7 @@ def infer_unet_config(state_dict: Mapping[str, np.ndarray], kind: str = "sd15", 
         firsts = [1 + l * per for l in range(levels)]
         chans = tuple(int(part[f"input_blocks.{b}.0.out_layers.3.weight"].shape[0]) for b in firsts)
         attn = tuple(f"input_blocks.{b}.1.proj_in.weight" in part for b in firsts)
-        depth = tuple(max(1, _count(part, rf"input_blocks\.{b}\.1\.transformer_blocks\.(\d+)\.")) for b in firsts)
+        depth = _depths(part, firsts, attn)
         ctx = next(v.shape[1] for k, v in part.items() if k.endswith("attn2.to_k.weight"))
         proj = next(v for k, v in part.items() if k.endswith("proj_in.weight"))
         label = part.get("label_emb.weight")
@@ -268,14 +333,23 @@ def infer_unet_config(state_dict: Mapping[str, np.ndarray], kind: str = "sd15", 
             block_out_channels=chans,
             layers_per_block=per - 1,
             attention_levels=attn,
-            transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth,
+            transformer_layers_per_block=depth,
             cross_attention_dim=int(ctx),
             use_linear_projection=np.ndim(proj) == 2,
             num_class_embeds=None if label is None else int(label.shape[0]),
         )
+        added = part.get("label_emb.0.0.weight")
+        if added is not None:
+            values.update(
+                addition_embed_type="text_time",
+                addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                projection_class_embeddings_input_dim=int(added.shape[1]),
+            )
     except (KeyError, StopIteration) as e:
         raise ConversionError(f"not a CompVis U-Net state dict (cannot find {e}); check the file") from None
-    values.update(dict(head_dim=64) if kind == "sd21" else dict(num_heads=8))
+    values.update(dict(num_heads=8) if kind == "sd15" else dict(head_dim=64))
+    if kind == "sdxl":
+        values.update(sample_size=128)
     return UNetConfig.from_config({**values, **fixed})
 
 
@@ -351,21 +425,29 @@ def load_single_file(
     unet_config: UNetConfig | Mapping | None = None,
     vae_config: AutoencoderConfig | Mapping | None = None,
     text_config: Any = None,
+    text_config_2: Any = None,
     use_ema: bool = False,
 ) -> dict[str, Any]:
     """An original SD checkpoint file -> {"unet": (cfg, params), "vae": (cfg, params),
-    "text_encoder": (cfg, params), "kind": kind}.
+    "text_encoder": (cfg, params), "kind": kind} (SDXL: also "text_encoder_2").
 
-    `kind`: "sd15" (SD 1.x: CLIP-L text encoder, 8 heads), "sd21" (SD 2.x: OpenCLIP-H, 64-wide heads) or
-    "auto" (detected from the keys). Configs are inferred from shapes unless given; a mapping updates
-    the inferred config (e.g. ``{"norm_num_groups": 16}``). Parts absent from the file are absent from the
-    result. `use_ema`: take the U-Net's 'model_ema.' weights. Keys outside the three parts (noise-schedule
-    buffers, EMA copies) are ignored; within each part the conversion is strict.
+    `kind`: "sd15" (SD 1.x: CLIP-L text encoder, 8 heads), "sd21" (SD 2.x: OpenCLIP-H, 64-wide heads),
+    "sdxl" (SDXL base or refiner: text_time U-Net, CLIP-L as "text_encoder" (base only) and OpenCLIP-bigG
+    with its projection as "text_encoder_2", VAE scaling factor 0.13025) or "auto" (detected from the keys;
+    an SDXL file must be asked for with kind="sdxl", since callers of "auto" build SD 1.x/2.x pipelines).
+    Configs are inferred from shapes unless given; a mapping updates the inferred config (e.g.
+    ``{"norm_num_groups": 16}``); `text_config_2` is for "text_encoder_2". Parts absent from the file are
+    absent from the result. `use_ema`: take the U-Net's 'model_ema.' weights. Keys outside the parts
+    (noise-schedule buffers, EMA copies) are ignored; within each part the conversion is strict.
     """
     if kind not in (*KINDS, "auto"):
-        raise ConfigError(f"load_single_file: kind={kind!r}; use 'sd15', 'sd21' or 'auto'")
+        raise ConfigError(f"load_single_file: kind={kind!r}; use 'sd15', 'sd21', 'sdxl' or 'auto'")
     sd = read_checkpoint(path)
-    kind = detect_kind(sd) if kind == "auto" else kind
+    if kind == "auto":
+        kind = detect_kind(sd)
+        if kind == "sdxl":
+            raise ConfigError(f"'{path}' is an SDXL checkpoint: load it with kind='sdxl' (SD 1.x/2.x pipelines "
+                              "cannot run it)")
     if use_ema:
         sd = _ema_weights(sd)
     out: dict[str, Any] = {"kind": kind}
@@ -373,14 +455,16 @@ def load_single_file(
         cfg = _config(unet_config, lambda **kw: infer_unet_config(sd, kind, **kw))
         out["unet"] = (cfg, unet_params_from_compvis(sd, cfg))
     if any(k.startswith(VAE_PREFIX) for k in sd):
-        cfg = _config(vae_config, lambda **kw: infer_vae_config(sd, **kw))
+        scale = {"scaling_factor": SDXL_SCALING_FACTOR} if kind == "sdxl" else {}
+        cfg = _config(vae_config, lambda **kw: infer_vae_config(sd, **{**scale, **kw}))
         out["vae"] = (cfg, vae_params_from_compvis(sd, cfg))
-    if any(k.startswith(CLIP_PREFIX if kind == "sd15" else OPENCLIP_PREFIX) for k in sd):
-        cfg = _config(text_config, lambda **kw: infer_text_config(sd, kind).replace(**kw))
-        out["text_encoder"] = (cfg, text_params_from_compvis(sd, cfg, kind))
+    given = {"text_encoder": text_config, "text_encoder_2": text_config_2}
+    for part in _text_parts(sd, kind):
+        cfg = _config(given[part], lambda part=part, **kw: infer_text_config(sd, kind, part).replace(**kw))
+        out[part] = (cfg, text_params_from_compvis(sd, cfg, kind, part))
     if len(out) == 1:
         raise ConversionError(
-            f"'{path}' holds no '{UNET_PREFIX}', '{VAE_PREFIX}' or 'cond_stage_model.' "
+            f"'{path}' holds no '{UNET_PREFIX}', '{VAE_PREFIX}', 'cond_stage_model.' or '{SDXL_PREFIX}' "
             "weights: not an original Stable-Diffusion checkpoint"
         )
     return out

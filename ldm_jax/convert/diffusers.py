@@ -175,8 +175,6 @@ _UNET_FIXED = {
     "act_fn": "silu",
     "center_input_sample": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
@@ -198,7 +196,6 @@ _UNET_FIXED = {
     "downsample_padding": 1,
     "attention_type": "default",
     "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
     "reverse_transformer_layers_per_block": None,
     "cross_attention_norm": None,
 }
@@ -225,6 +222,9 @@ _UNET_DEFAULTS = dict(
     use_linear_projection=False,
     transformer_layers_per_block=1,
     num_class_embeds=None,
+    addition_embed_type=None,
+    addition_time_embed_dim=None,
+    projection_class_embeddings_input_dim=None,
     sample_size=None,
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -270,6 +270,7 @@ def unet_config_from_diffusers(d: Mapping) -> UNetConfig:
         raise ConfigError("diffusers U-Net config: per-block layers_per_block is not supported")
     heads = c["attention_head_dim"]  # diffusers' historical name: it is the number of heads
     return UNetConfig(
+        **_addition_fields(c),
         in_channels=c["in_channels"],
         out_channels=c["out_channels"],
         block_out_channels=tuple(c["block_out_channels"]),
@@ -289,6 +290,23 @@ def unet_config_from_diffusers(d: Mapping) -> UNetConfig:
         flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
         freq_shift=float(c["freq_shift"]),
         sample_size=int(c["sample_size"] or 64),
+    )
+
+
+def _addition_fields(c: Mapping) -> dict:
+    """diffusers' added-embedding keys -> UNetConfig fields. Only SDXL's 'text_time' is implemented; without
+    an addition_embed_type diffusers ignores the two widths, and so do we."""
+    kind = c["addition_embed_type"]
+    if kind is None:
+        return {}
+    if kind != "text_time":
+        raise ConfigError(
+            f"diffusers U-Net config: addition_embed_type={kind!r} is not supported by ldm_jax (only 'text_time')"
+        )
+    return dict(
+        addition_embed_type=kind,
+        addition_time_embed_dim=c["addition_time_embed_dim"],
+        projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"],
     )
 
 
@@ -314,6 +332,9 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "cross_attention_dim": cfg.cross_attention_dim,
         "use_linear_projection": cfg.use_linear_projection,
         "num_class_embeds": cfg.num_class_embeds,
+        "addition_embed_type": cfg.addition_embed_type,
+        "addition_time_embed_dim": cfg.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
         "norm_num_groups": cfg.norm_num_groups,
         "norm_eps": cfg.norm_eps,
         "flip_sin_to_cos": cfg.flip_sin_to_cos,

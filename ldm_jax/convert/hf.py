@@ -1,12 +1,18 @@
 """Hugging Face transformers text encoders <-> ldm_jax parameter trees.
 
-Reads CLIPTextModel and BertModel folders (config.json + model.safetensors) without torch:
+Reads CLIPTextModel, CLIPTextModelWithProjection and BertModel folders (config.json + model.safetensors)
+without torch:
 
     cfg, params = hf.load_clip_text("sd15/text_encoder")
     hidden = CLIPTextEncoder(cfg).apply({"params": params}, ids)
+    cfg, params = hf.load_clip_text("sdxl/text_encoder_2")     # with projection: cfg.projection_dim = 1280
+    hidden, text_embeds = CLIPTextEncoder(cfg).apply({"params": params}, ids, hidden_layer=-2,
+                                                     final_norm=False, return_pooled=True)
 
 The reading direction lives in `ldm_jax.models.hf_text` (the models load their own pretrained weights) and
-is re-exported here; this module adds the writing direction (`save_clip_text`, `clip_text_state_dict`,
+is re-exported here, except `load_clip_text` / `clip_text_params_from_state_dict`, whose versions here also
+take the ``text_projection`` of a CLIPTextModelWithProjection (SDXL's second encoder) and are otherwise the
+same. This module adds the writing direction (`save_clip_text`, `clip_text_state_dict`,
 `clip_text_config_to_hf`; `save_bert`, `bert_state_dict`, `bert_config_to_hf`, which write what
 ``transformers.BertModel`` / ``AutoModel`` load). Keys may carry the ``text_model.`` (CLIP) or ``bert.`` (BERT)
 prefix or not: transformers 5 saves CLIPTextModel without it, older exports and SD folders with it. Checking is
@@ -23,18 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_jax.convert.common import ConversionError, check_tree, flatten, write_safetensors
+from ldm_jax.convert.common import ConversionError, check_tree, flatten, unflatten, write_safetensors
 from ldm_jax.models.hf_text import (
     _BERT_NAMES,
+    _CLIP_BUFFERS,
     _CLIP_NAMES,
     _LEAVES,
     _expected,
+    _read_config,
+    _read_folder,
+    _to_flax,
     bert_config_from_hf,
     bert_params_from_state_dict,
     clip_text_config_from_hf,
-    clip_text_params_from_state_dict,
     load_bert,
-    load_clip_text,
     load_minilm,
     minilm_dir,
 )
@@ -56,6 +64,33 @@ __all__ = [
     "save_bert",
     "save_clip_text",
 ]
+
+
+# CLIPTextModelWithProjection = CLIPTextModel's names under "text_model." + a bias-free "text_projection".
+_CLIP_PROJECTION_NAMES = {**_CLIP_NAMES, "text_projection": ("text_projection", "dense")}
+_PROJECTION_KEY = "text_projection.weight"
+
+
+def clip_text_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
+    """HF CLIPTextModel / CLIPTextModelWithProjection state dict (with or without ``text_model.``) ->
+    CLIPTextEncoder params (numpy). ``text_projection.weight`` is expected iff ``cfg.projection_dim`` is set."""
+    names = _CLIP_NAMES if cfg.projection_dim is None else _CLIP_PROJECTION_NAMES
+    flat = _to_flax(state_dict, names, "text_model.", _CLIP_BUFFERS)
+    check_tree(_expected(CLIPTextEncoder(cfg)), flat, "CLIP text encoder")
+    return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
+
+
+def load_clip_text(path: str | os.PathLike) -> tuple[CLIPTextConfig, dict]:
+    """Reads an HF CLIPTextModel folder (an SD ``text_encoder/``) or a CLIPTextModelWithProjection folder
+    (SDXL's ``text_encoder_2/``: `projection_dim` is then set from the ``text_projection`` weight) ->
+    (config, params)."""
+    path = Path(path)
+    state_dict = _read_folder(path)
+    cfg = clip_text_config_from_hf(_read_config(path))
+    projection = state_dict.get(_PROJECTION_KEY)
+    if projection is not None:
+        cfg = cfg.replace(projection_dim=int(np.shape(projection)[0]))
+    return cfg, clip_text_params_from_state_dict(state_dict, cfg)
 
 
 def _to_torch(params: Mapping, names) -> dict[str, np.ndarray]:
@@ -81,9 +116,10 @@ def _to_torch(params: Mapping, names) -> dict[str, np.ndarray]:
 
 
 def clip_text_config_to_hf(cfg: CLIPTextConfig) -> dict:
-    """CLIPTextConfig -> a config.json dict that transformers' CLIPTextModel loads."""
-    return {
-        "architectures": ["CLIPTextModel"],
+    """CLIPTextConfig -> a config.json dict that transformers' CLIPTextModel (CLIPTextModelWithProjection
+    when `projection_dim` is set) loads."""
+    out = {
+        "architectures": ["CLIPTextModel" if cfg.projection_dim is None else "CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -99,15 +135,23 @@ def clip_text_config_to_hf(cfg: CLIPTextConfig) -> dict:
         "attention_dropout": 0.0,
         "dtype": "float32",
     }
+    if cfg.projection_dim is not None:
+        out["projection_dim"] = cfg.projection_dim
+    return out
 
 
 def clip_text_state_dict(params: Mapping) -> dict[str, np.ndarray]:
-    """CLIPTextEncoder params -> HF CLIPTextModel state dict (transformers 5 names, no prefix)."""
-    return _to_torch(params, _CLIP_NAMES)
+    """CLIPTextEncoder params -> HF state dict as transformers 5 saves it: CLIPTextModel names without prefix,
+    or, with a ``text_projection``, CLIPTextModelWithProjection's (``text_model.*`` + ``text_projection.weight``)."""
+    if "text_projection" not in params:
+        return _to_torch(params, _CLIP_NAMES)
+    out = _to_torch(params, _CLIP_PROJECTION_NAMES)
+    return {k if k == _PROJECTION_KEY else f"text_model.{k}": v for k, v in out.items()}
 
 
 def save_clip_text(path: str | os.PathLike, cfg: CLIPTextConfig, params: Mapping) -> None:
-    """Writes config.json + model.safetensors that ``transformers.CLIPTextModel.from_pretrained`` loads."""
+    """Writes config.json + model.safetensors that ``transformers.CLIPTextModel.from_pretrained`` loads
+    (``CLIPTextModelWithProjection`` when `cfg.projection_dim` is set)."""
     import flax.linen as nn
 
     params = nn.meta.unbox(params)

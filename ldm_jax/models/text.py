@@ -59,6 +59,9 @@ class CLIPTextConfig(FrozenConfig):
     `eos_token_id` selects the pooled token: 2 (configs older than transformers PR 24773) means "the
     position of the largest id" (OpenAI's rule, EOS being the largest id), anything else means "the first
     position holding eos_token_id".
+    `projection_dim`: set for transformers' ``CLIPTextModelWithProjection`` (SDXL's second encoder): the
+    pooled output is then multiplied by a bias-free `text_projection` (D -> projection_dim), i.e. it is
+    transformers' ``text_embeds``.
     """
 
     vocab_size: int = 49408
@@ -70,9 +73,12 @@ class CLIPTextConfig(FrozenConfig):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int | None = None
 
     def __post_init__(self):
         _check_width("CLIPTextConfig", self.hidden_size, self.num_heads, self.hidden_act)
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(f"CLIPTextConfig.projection_dim={self.projection_dim}: use None or a positive width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +117,22 @@ def openclip_h14_text() -> CLIPTextConfig:
     )
 
 
-def tiny_clip_text(vocab_size: int = 49408) -> CLIPTextConfig:
+def openclip_bigg_text() -> CLIPTextConfig:
+    """OpenCLIP ViT-bigG/14 text tower with its projection, SDXL's second text encoder (transformers'
+    ``CLIPTextModelWithProjection``; 694,659,840 parameters): 32 layers, width 1280, 20 heads, exact gelu.
+
+    SDXL conditions on its penultimate layer *without* the final LayerNorm
+    (``hidden_layer=-2, final_norm=False``) and on the projected pooled output (``return_pooled=True``).
+    """
+    return CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu", projection_dim=1280
+    )
+
+
+def tiny_clip_text(vocab_size: int = 49408, projection_dim: int | None = None) -> CLIPTextConfig:
     """A 2-layer, 32-wide CLIP text encoder for tests and CPU runs (works with the real CLIP tokenizer)."""
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                          projection_dim=projection_dim)
 
 
 def minilm_l6() -> BertConfig:
@@ -264,7 +283,9 @@ class CLIPTextEncoder(nn.Module):
     chosen one are not computed unless `return_pooled`.
 
     ``return_pooled=True`` returns ``(hidden, pooled)`` where pooled (B, D) is the final-LN'd last layer at
-    the EOS position (see `CLIPTextConfig.eos_token_id`), as transformers' ``pooler_output``.
+    the EOS position (see `CLIPTextConfig.eos_token_id`), as transformers' ``pooler_output``; when the config
+    has `projection_dim`, pooled is that vector times ``text_projection`` (B, projection_dim), transformers'
+    ``text_embeds`` (SDXL: ``hidden_layer=-2, final_norm=False, return_pooled=True``).
     """
 
     config: CLIPTextConfig
@@ -301,10 +322,26 @@ class CLIPTextEncoder(nn.Module):
                 hidden = x
         norm = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, "final_norm")
         out = norm(hidden) if final_norm else hidden
+        projection = self._projection()
         if not return_pooled:
+            if projection is not None and self.is_initializing():
+                projection(jnp.zeros((1, cfg.hidden_size), self.dtype))  # init creates every parameter
             return out
         last = norm(x)
-        return out, last[jnp.arange(last.shape[0]), self._eos_position(input_ids)]
+        pooled = last[jnp.arange(last.shape[0]), self._eos_position(input_ids)]
+        return out, (pooled if projection is None else projection(pooled))
+
+    def _projection(self) -> nn.Dense | None:
+        if self.config.projection_dim is None:
+            return None
+        return nn.Dense(
+            self.config.projection_dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), ("embed", "mlp")),
+            name="text_projection",
+        )
 
     def _eos_position(self, input_ids: Array) -> Array:
         if self.config.eos_token_id == 2:  # legacy configs: EOS is the largest id in the vocabulary

@@ -1,7 +1,7 @@
 """The Stable-Diffusion U-Net (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
 Diffusion Models"; the UNet2DConditionModel family of diffusers), NHWC.
 
-    emb = MLP(sinusoid(t)) [+ class_embedding(y)]
+    emb = MLP(sinusoid(t)) [+ class_embedding(y)] [+ add_embedding(concat(text_embeds, sinusoid(time_ids)))]
     h = conv_in(x); skips = [h]
     down level l: (ResnetBlock(h, emb) [-> SpatialTransformer(h, context)]) x layers_per_block, each output
                   pushed to skips; then a stride-2 conv (pushed too), except at the last level
@@ -12,11 +12,20 @@ Diffusion Models"; the UNet2DConditionModel family of diffusers), NHWC.
 
 Timesteps are in the network's own units (SD: discrete 0..999, floats allowed); a model wrapper maps the
 framework's continuous t in [0, 1] onto them.
+
+SDXL's micro-conditioning (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution
+Image Synthesis"; diffusers' ``addition_embed_type="text_time"``) enters through the `added` argument:
+``added = {"text_embeds": (B, P), "time_ids": (B, N)}`` with P the pooled, projected text embedding and N the
+size / crop (/ aesthetic score) numbers. Every time id gets its own sinusoid of width
+`addition_time_embed_dim`; the N sinusoids are flattened, appended to text_embeds and sent through a second
+two-layer MLP (`add_embedding`) whose output is added to the time embedding. Only the total width
+P + N * addition_time_embed_dim (= `projection_class_embeddings_input_dim`) is fixed by the weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +56,11 @@ class UNetConfig(FrozenConfig):
     is set, heads = channels // head_dim (SD 2.x: head_dim=64, i.e. 5, 10, 20, 20 heads).
     `attention_levels[l]` says whether down level l (and the mirrored up level) has spatial transformers.
     `num_class_embeds` adds a class embedding to the time embedding (the `y` argument).
+    `addition_embed_type="text_time"` (SDXL) adds the embedding of the pooled text and the micro-conditioning
+    numbers (the `added` argument); it needs `addition_time_embed_dim` (sinusoid width per number) and
+    `projection_class_embeddings_input_dim` (pooled width + numbers * addition_time_embed_dim), diffusers' names.
+    `transformer_layers_per_block`: one depth for all levels or one per level; the mid block uses the last
+    level's depth and the up path mirrors the down path (SDXL base: (1, 2, 10)).
     `zero_init`: zero the last conv of every residual block, every transformer's proj_out and conv_out,
     so a freshly initialised network starts near the identity / zero output (LDM's zero_module).
     `attention_impl`: None (XLA), "cudnn" (flash kernel on GPU where cuDNN takes the shapes), "cudnn_padded"
@@ -64,6 +78,9 @@ class UNetConfig(FrozenConfig):
     cross_attention_dim: int = 768
     use_linear_projection: bool = False
     num_class_embeds: int | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -92,11 +109,36 @@ class UNetConfig(FrozenConfig):
         for c, h in zip(self.block_out_channels, self.heads_per_level()):
             if c % h:
                 raise ConfigError(f"UNetConfig: channels {c} not divisible by {h} attention heads")
+        self._check_addition()
         canonical_dtype(self.dtype)
         canonical_dtype(self.param_dtype)
         if self.attention_impl not in (None, "cudnn", "cudnn_padded", "xla", "explicit"):
             raise ConfigError(f"UNetConfig.attention_impl={self.attention_impl!r}: use None, 'cudnn', "
                               "'cudnn_padded', 'xla' or 'explicit'"
+            )
+
+    def _check_addition(self) -> None:
+        dims = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type is None:
+            if any(d is not None for d in dims):
+                raise ConfigError(
+                    "UNetConfig: addition_time_embed_dim / projection_class_embeddings_input_dim are set but "
+                    "addition_embed_type is None; set addition_embed_type='text_time' (SDXL) or drop them"
+                )
+            return
+        if self.addition_embed_type != "text_time":
+            raise ConfigError(
+                f"UNetConfig.addition_embed_type={self.addition_embed_type!r}: only None or 'text_time' (SDXL)"
+            )
+        if any(not isinstance(d, int) or d < 1 for d in dims):
+            raise ConfigError(
+                "UNetConfig: addition_embed_type='text_time' needs positive ints addition_time_embed_dim "
+                f"and projection_class_embeddings_input_dim, got {dims}"
+            )
+        if dims[1] <= dims[0]:
+            raise ConfigError(
+                f"UNetConfig: projection_class_embeddings_input_dim={dims[1]} leaves no room for the pooled text "
+                f"embedding next to at least one time id of width addition_time_embed_dim={dims[0]}"
             )
 
     @property
@@ -227,11 +269,15 @@ def _block_factories(cfg: UNetConfig, kw: dict):
 
 
 class UNet(nn.Module):
-    """Conditional U-Net: ``apply({"params": p}, x, timesteps, context, y=None)``.
+    """Conditional U-Net: ``apply({"params": p}, x, timesteps, context, y=None, added=None)``.
 
     x: (B, H, W, in_channels); timesteps: (B,) or scalar, the network's own units; context: (B, L,
-    cross_attention_dim); y: (B,) int class labels when `num_class_embeds` is set. Returns
-    (B, H, W, out_channels) in `dtype`. `dtype` / `param_dtype` override the config's when given.
+    cross_attention_dim); y: (B,) int class labels when `num_class_embeds` is set; added: when
+    `addition_embed_type="text_time"` (SDXL), ``{"text_embeds": (B, P), "time_ids": (B, N)}`` as diffusers'
+    ``added_cond_kwargs`` (base: N = 6, (orig_h, orig_w, crop_top, crop_left, target_h, target_w); refiner:
+    N = 5, the target size replaced by the aesthetic score), with P + N * addition_time_embed_dim ==
+    projection_class_embeddings_input_dim. Returns (B, H, W, out_channels) in `dtype`. `dtype` /
+    `param_dtype` override the config's when given.
     """
 
     config: UNetConfig
@@ -239,13 +285,21 @@ class UNet(nn.Module):
     param_dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, timesteps: Array, context: Array, y: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        timesteps: Array,
+        context: Array,
+        y: Array | None = None,
+        added: Mapping[str, Array] | None = None,
+    ) -> Array:
         cfg = self.config
         _check_inputs(cfg, x, timesteps, context, y)
+        _check_added(cfg, added, x.shape[0])
         dtype = canonical_dtype(self.dtype if self.dtype is not None else cfg.dtype)
         pdtype = canonical_dtype(self.param_dtype if self.param_dtype is not None else cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
-        emb = self._embed(x.shape[0], timesteps, y, kw)
+        emb = self._embed(x.shape[0], timesteps, y, added, kw)
         context = context.astype(dtype)
         heads, layers = cfg.heads_per_level(), cfg.transformer_layers()
         n, chans = cfg.num_levels, cfg.block_out_channels
@@ -287,7 +341,7 @@ class UNet(nn.Module):
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
         return conv(cfg.out_channels, 3, zero_init=cfg.zero_init, name="conv_out", **kw)(h)
 
-    def _embed(self, batch: int, timesteps: Array, y: Array | None, kw: dict) -> Array:
+    def _embed(self, batch: int, timesteps: Array, y: Array | None, added, kw: dict) -> Array:
         cfg = self.config
         c0 = cfg.block_out_channels[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
@@ -302,6 +356,17 @@ class UNet(nn.Module):
                 **kw,
             )
             emb = emb + table(jnp.asarray(y, jnp.int32).reshape(-1))
+        if cfg.addition_embed_type == "text_time":
+            text = jnp.asarray(added["text_embeds"], jnp.float32)
+            ids = jnp.asarray(added["time_ids"], jnp.float32)
+            ids_emb = timestep_embedding(
+                ids.reshape(-1),
+                cfg.addition_time_embed_dim,
+                flip_sin_to_cos=cfg.flip_sin_to_cos,
+                freq_shift=cfg.freq_shift,
+            ).reshape(batch, -1)
+            cond = jnp.concatenate([text, ids_emb], axis=-1)
+            emb = emb + TimestepMLP(4 * c0, name="add_embedding", **kw)(cond)
         return emb
 
 
@@ -325,8 +390,48 @@ def _check_inputs(cfg: UNetConfig, x, timesteps, context, y) -> None:
         raise ValueError(f"UNet: num_class_embeds={cfg.num_class_embeds} but y is {given}; {fix}")
 
 
+def _check_added(cfg: UNetConfig, added, batch: int) -> None:
+    usage = "added={'text_embeds': (B, pooled), 'time_ids': (B, n)}"
+    if cfg.addition_embed_type is None:
+        if added is not None:
+            raise ValueError("UNet: `added` given but addition_embed_type is None; drop it, or use an SDXL config")
+        return
+    if added is None:
+        raise ValueError(f"UNet: addition_embed_type={cfg.addition_embed_type!r} (SDXL) needs {usage}")
+    missing = [k for k in ("text_embeds", "time_ids") if k not in added]
+    if missing:
+        raise ValueError(f"UNet: `added` lacks {missing}; pass {usage}")
+    text, ids = jnp.shape(added["text_embeds"]), jnp.shape(added["time_ids"])
+    if len(text) != 2 or len(ids) != 2 or text[0] != batch or ids[0] != batch:
+        raise ValueError(f"UNet: added text_embeds {text} / time_ids {ids}: expected ({batch}, P) and ({batch}, N)")
+    width = text[1] + ids[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"UNet: text_embeds width {text[1]} + {ids[1]} time ids x {cfg.addition_time_embed_dim} = {width}, "
+            f"but projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}"
+        )
+
+
+def unet_example_added(cfg: UNetConfig, batch: int = 1, num_time_ids: int = 1) -> dict[str, Array] | None:
+    """Zero `added` conditioning for init / eval_shape (None unless the config has text_time).
+
+    The weights only fix the total width, so any split works for shapes; pass the real `num_time_ids`
+    (SDXL base 6, refiner 5) to get the real pooled width.
+    """
+    if cfg.addition_embed_type is None:
+        return None
+    pooled = cfg.projection_class_embeddings_input_dim - num_time_ids * cfg.addition_time_embed_dim
+    if pooled < 1:
+        raise ValueError(f"unet_example_added: {num_time_ids} time ids leave no pooled width in this config")
+    return {
+        "text_embeds": jnp.zeros((batch, pooled), jnp.float32),
+        "time_ids": jnp.zeros((batch, num_time_ids), jnp.float32),
+    }
+
+
 def unet_example_inputs(cfg: UNetConfig, batch: int = 1, resolution: int | None = None, seq_len: int = 1):
-    """Zero inputs (x, timesteps, context, y) of the right shapes, e.g. for init / eval_shape."""
+    """Zero inputs (x, timesteps, context, y) of the right shapes, e.g. for init / eval_shape; SDXL configs
+    also need ``added=unet_example_added(cfg, batch)``."""
     r = resolution or 2 ** (cfg.num_levels - 1)
     x = jnp.zeros((batch, r, r, cfg.in_channels), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
@@ -337,11 +442,12 @@ def unet_example_inputs(cfg: UNetConfig, batch: int = 1, resolution: int | None 
 
 def init_unet(cfg: UNetConfig, rng: PRNGKey, resolution: int | None = None) -> PyTree:
     """Random parameters (boxed with logical axis names; ``models.unbox`` strips them)."""
-    return UNet(cfg).init(rng, *unet_example_inputs(cfg, resolution=resolution))["params"]
+    inputs = unet_example_inputs(cfg, resolution=resolution)
+    return UNet(cfg).init(rng, *inputs, added=unet_example_added(cfg))["params"]
 
 
 def unet_param_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     """Flat {'down_blocks_0/resnets_0/conv1/kernel': shape} from eval_shape — no weights allocated."""
     from ldm_jax.models.layers import param_shapes
 
-    return param_shapes(UNet(cfg), *unet_example_inputs(cfg))
+    return param_shapes(UNet(cfg), *unet_example_inputs(cfg), added=unet_example_added(cfg))

@@ -225,8 +225,8 @@ def test_strict_errors_name_compvis_keys(sd1, tmp_path):
     msg = str(err.value)
     assert "missing 1: out.2.bias" in msg
     assert "input_blocks.1.0.in_layers.2.weight: expected (16, 16, 3, 3), got (16, 16, 1, 1)" in msg
-    with pytest.raises(ConfigError, match="use 'sd15', 'sd21' or 'auto'"):
-        compvis.load_single_file(tmp_path / "x.safetensors", kind="sdxl")
+    with pytest.raises(ConfigError, match="use 'sd15', 'sd21', 'sdxl' or 'auto'"):
+        compvis.load_single_file(tmp_path / "x.safetensors", kind="sd3")
     write_safetensors(tmp_path / "other.safetensors", {"weight": np.zeros(2, np.float32)})
     with pytest.raises(ConversionError, match="not an original Stable-Diffusion checkpoint"):
         compvis.load_single_file(tmp_path / "other.safetensors")

@@ -177,8 +177,8 @@ def test_config_translation_errors(unet_dir):
     with open(path / "config.json") as f:
         base = json.load(f)
     assert dconv.unet_config_from_diffusers(base).num_class_embeds == 3
-    with pytest.raises(ConfigError, match="addition_embed_type='text_time' is not supported"):
-        dconv.unet_config_from_diffusers({**base, "addition_embed_type": "text_time"})
+    with pytest.raises(ConfigError, match="addition_embed_type='text' is not supported"):
+        dconv.unet_config_from_diffusers({**base, "addition_embed_type": "text"})
     with pytest.raises(ConfigError, match="unknown key 'not_a_field'"):
         dconv.unet_config_from_diffusers({**base, "not_a_field": 1})
     with pytest.raises(ConfigError, match="up_block_types must mirror"):

@@ -257,6 +257,12 @@ CASES = [
      "gone.png"),
     ("sample-mask-size", ("sample", "--model=ldm", "--prompt=a", "--out=o", "--init_image=image16.png",
                           "--mask=mask24.png"), 2, "must match"),
+    ("sample-lora-missing", ("sample", "--model=ldm", "--prompt=a", "--out=o", "--lora=gone.safetensors"), 2,
+     "'gone.safetensors' not found"),
+    ("sample-lora-weight-nan", ("sample", "--model=ldm", "--prompt=a", "--out=o", "--lora=afile:nan"), 2,
+     "finite number"),
+    ("sample-lora-not-safetensors", ("sample", "--model=ldm", "--prompt=a", "--out=o", "--lora=afile"), 2,
+     "not a readable safetensors file"),
     ("sample-damaged-config", ("sample", "--model=ldm_badjson", "--prompt=a", "--out=o"), 2, "damaged"),
     ("sample-truncated-arrays", ("sample", "--model=ldm_truncated", "--prompt=a", "--out=o"), 2, "damaged"),
     # -- evaluate

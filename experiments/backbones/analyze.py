@@ -2,7 +2,7 @@
 
     python experiments/backbones/analyze.py runs/backbones [--out experiments/backbones]
 
-Reads the sweep's per-run rows (results.jsonl: final evaluations), each run's metrics.jsonl (loss and the
+Reads the sweep's per-run rows (results*.jsonl of every host: final evaluations), each run's metrics.jsonl (loss and the
 in-training adherence evaluations every 200 steps) and flops.json (XLA's FLOPs of one training step of each
 network, `flops.py`), and writes next to this script: results.jsonl (a copy), curves.json (adherence against
 training FLOPs per run), findings.md (the tables) and adherence_vs_flops.png.
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+
+from ldm_jax.sweeps.runner import read_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ATTRIBUTES = ("color_acc", "shape_acc", "position_acc")
@@ -47,11 +48,10 @@ def main():
     parser.add_argument("--out", default=HERE)
     args = parser.parse_args()
     flops = {name: row["flops_per_step"] for name, row in json.load(open(os.path.join(HERE, "flops.json"))).items()}
-    results_path = os.path.join(args.sweep_dir, "results.jsonl")
-    results = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    results = read_results(args.sweep_dir)  # every host's rows
     os.makedirs(args.out, exist_ok=True)
-    if results:
-        shutil.copy(results_path, os.path.join(args.out, "results.jsonl"))
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
     runs_dir = os.path.join(args.sweep_dir, "runs")
     curves, finals = {}, {}
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:

@@ -14,6 +14,7 @@ seed + i. With a workdir, sampler, steps, guidance and micro-batch default to th
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import flags
@@ -36,6 +37,8 @@ _STRENGTH = flags.DEFINE_float("strength", None, "img2img/inpaint strength in [0
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image, same size as --init_image (white = repaint).")
 _SAMPLER = flags.DEFINE_string("sampler", None, f"{', '.join(diffusion.SAMPLERS)} (default: the run's "
                                "sample.sampler, else ddim).")
+_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file to merge into the U-Net and CLIP text encoder, FILE or "
+                                   "FILE:WEIGHT (diffusers/PEFT or kohya safetensors; repeat the flag for several).")
 _SPACING = flags.DEFINE_string("spacing", None, f"Time grid: {', '.join(diffusion.SPACINGS)} (default: the model's "
                                "scheduler config).")
 _STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps (default: the run's sample.num_steps, else 50).")
@@ -87,6 +90,9 @@ def _check_flags() -> None:
     if not os.path.exists(_MODEL.value) and not looks_like_model_id(_MODEL.value):
         fail(f"model '{_MODEL.value}' not found: pass an ldm_jax workdir, a diffusers SD folder, a .safetensors/.ckpt "
              "file or a model id in the local Hugging Face cache")
+    for spec in _LORA.value:
+        if not os.path.exists(lora_spec(spec)[0]):
+            fail(f"--lora={spec}: file '{lora_spec(spec)[0]}' not found")
 
 
 def _inputs():
@@ -119,6 +125,11 @@ def generate(prompts: list[str]):
     if _CACHE.value:
         enable_compilation_cache()
     model = LatentDiffusion.from_pretrained(_MODEL.value, dtype=_DTYPE.value, prediction=_PREDICTION.value)
+    if _LORA.value:
+        try:
+            model = model.with_lora(*(lora_spec(spec) for spec in _LORA.value))
+        except ConversionError as e:  # a file that is no LoRA of this model: one line naming the key or file
+            fail(f"--lora: {' '.join(str(e).split())}")
     sampling = sampling_settings(model)
     negative = _NEGATIVE.value
     images = model.generate(prompts, negative or None, image=image, mask=mask, strength=_STRENGTH.value,
@@ -157,6 +168,20 @@ def write_outputs(out: str, images, prompts: list[str], negative: str, seed: int
         imlib.save_png(os.path.join(out, "grid.png"), imlib.make_grid(images),
                        dict(prompts=json.dumps(prompts), seed=seed, **settings))
     return paths
+
+
+def lora_spec(spec: str) -> tuple[str, float]:
+    """'FILE' or 'FILE:WEIGHT' -> (file, weight); a weight that is not a finite number is one line, exit 2."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or os.path.exists(spec):
+        return spec, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return spec, 1.0  # a colon in the file name
+    if not math.isfinite(value):
+        fail(f"--lora={spec}: the weight must be a finite number")
+    return path, value
 
 
 def main(argv):

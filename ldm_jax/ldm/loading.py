@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +38,14 @@ import numpy as np
 from ldm_jax import diffusion
 from ldm_jax.convert import compvis
 from ldm_jax.convert import diffusers as dconv
+from ldm_jax.convert import lora as lora_convert
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.convert.pipeline_folder import LDM_JAX
 from ldm_jax.ldm import build
 from ldm_jax.ldm.generate import SampleConfig
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params, restore_state_item
 from ldm_jax.models import backbones, hf_text
+from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
 from ldm_jax.models.text_encoder import TextEncoder
@@ -350,6 +352,31 @@ def cached_snapshot(model_id: str, cache_dir: str | os.PathLike | None = None) -
 def looks_like_model_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not os.path.exists(path)
+
+
+# ---------------------------------------------------------------------------- LoRA files
+def merged_lora(model, files: Sequence[tuple[str | os.PathLike, float]]):
+    """(U-Net params, TextEncoder) of `model` with the LoRA `files` ((path, weight) pairs) merged in."""
+    if model.backbone != "unet":
+        raise ConfigError(f"LoRA files name Stable-Diffusion U-Net and CLIP layers; this model's denoiser is a "
+                          f"{model.backbone}")
+    if model.unet_params is None:
+        raise ConfigError("this model has no U-Net parameters to merge a LoRA into")
+    te = model.text_encoder
+    text_cfg = te.module.config if isinstance(te.module, CLIPTextEncoder) else None
+    unet_adapters, text_adapters = [], []
+    for path, weight in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"LoRA file '{os.fspath(path)}' not found")
+        unet_adapter, text_adapter, _ = lora_convert.load_lora(path, model.unet_config, text_cfg)
+        if unet_adapter is not None:
+            unet_adapters.append((unet_adapter, float(weight)))
+        if text_adapter is not None:
+            text_adapters.append((text_adapter, float(weight)))
+    unet_params = lora_lib.merge(model.unet_params, unet_adapters) if unet_adapters else model.unet_params
+    if text_adapters:
+        te = dataclasses.replace(te, params=lora_lib.merge(te.params, text_adapters))
+    return unet_params, te
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -148,6 +148,13 @@ class LatentDiffusion:
         """Image side when none is given."""
         return self.default_size or self.unet_config.sample_size * self.downsample_factor
 
+    def with_lora(self, *files: str | os.PathLike | tuple[str | os.PathLike, float]) -> LatentDiffusion:
+        """A copy with LoRA files merged into the U-Net's and the CLIP text encoder's weights: each item is a path
+        or (path, weight); diffusers/PEFT and kohya safetensors (``ldm_jax.convert.lora``). Weights add up, as
+        diffusers' ``set_adapters``; a key that fits no layer stops with one line naming it."""
+        unet_params, text_encoder = loading.merged_lora(self, [f if isinstance(f, tuple) else (f, 1.0) for f in files])
+        return self.replace(unet_params=unet_params, text_encoder=text_encoder)
+
     def denoiser(self, unet_params: PyTree = None, schedule=None) -> Denoiser:
         """The model wrapper over these (or the given) denoiser parameters and schedule."""
         return Denoiser(self.unet_params if unet_params is None else unet_params,

@@ -4,6 +4,7 @@
     dit = DiT(cfg); out = dit.apply({"params": p}, x, timesteps, context, y=None)        # Peebles & Xie 2023
     mmdit = MMDiT(cfg); out = mmdit.apply({"params": p}, x, timesteps, context, pooled=None)  # SD3's MMDiT
     backbones.network(cfg) builds whichever of the three a config describes
+    lora.merge(params, [(adapter, weight)])   LoRA as a transformation of parameter trees (models.lora)
     vae = AutoencoderKL(cfg); mean, logvar = vae.apply({"params": p}, images, method=vae.encode)
 
 Precision: every module has `dtype` (computation) and `param_dtype` (storage); normalisations and the
@@ -25,7 +26,7 @@ Logical axis names (map them to mesh axes with ``nn.logical_axis_rules``; unmapp
 A typical FSDP rule set: [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_out", "fsdp")].
 """
 
-from ldm_jax.models import backbones
+from ldm_jax.models import backbones, lora
 from ldm_jax.models.attention import (
     FeedForward,
     MultiHeadAttention,
@@ -45,8 +46,11 @@ from ldm_jax.models.presets import (
     sd21_unet,
     sd35_medium,
     sd_vae,
+    sdxl_refiner_unet,
+    sdxl_unet,
     tiny_dit,
     tiny_mmdit,
+    tiny_sdxl_unet,
     tiny_unet,
     tiny_vae,
 )
@@ -58,6 +62,7 @@ from ldm_jax.models.text import (
     clip_l14,
     mean_pool,
     minilm_l6,
+    openclip_bigg_text,
     openclip_h14_text,
     tiny_bert,
     tiny_clip_text,
@@ -80,6 +85,11 @@ __all__ = [
     "MMDiT",
     "MMDiTConfig",
     "backbones",
+    "lora",
+    "openclip_bigg_text",
+    "sdxl_refiner_unet",
+    "sdxl_unet",
+    "tiny_sdxl_unet",
     "dit_param_shapes",
     "dit_xl_2",
     "init_dit",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -167,6 +168,27 @@ def check_overrides(argv: list[str]) -> None:
 
 
 
+# Keys base_config gained after runs were saved without them; such a run trained with base_config's value.
+ADDED_KEYS = ("model.backbone", "model.dit", "model.mmdit", "diffusion.network_input", "lora")
+
+
+def with_added_keys(saved: dict) -> dict:
+    """A copy of a saved run config (plain dict) with the `ADDED_KEYS` it lacks set to base_config's values, so
+    that it compares equal to the same run configured today."""
+    out = json.loads(json.dumps(saved))
+    base = json.loads(base_config().to_json_best_effort())
+    for dotted in ADDED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node, default = out, base
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                break
+            node, default = node[p], default[p]
+        else:
+            node.setdefault(leaf, default[leaf])
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The one schema every training config starts from (sections as in DESIGN.md).
 
@@ -203,6 +225,9 @@ def base_config() -> ml_collections.ConfigDict:
                        weighting="uniform", weighting_options={}, min_snr_gamma=5.0,
                        noise_sampling="uniform", noise_sampling_options={}, precondition="none", sigma_data=0.5,
                        network_input="vp")
+    # lora: rank > 0 trains low-rank adapters (models.lora) on the frozen `model.unet.pretrained` U-Net (a diffusers
+    # unet folder or a latent-diffusion workdir) instead of the whole network; alpha 0 means alpha = rank.
+    c.lora = dict(rank=0, alpha=0.0, dropout=0.0, targets=("attention",))
     c.optimizer = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                        warmup_steps=100, decay="cosine", grad_clip=1.0)
     c.train = dict(stage="ldm", num_steps=1000, seed=0, log_every_steps=50, grad_accum=1,

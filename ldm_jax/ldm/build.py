@@ -21,7 +21,7 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import dit as dit_convert
 from ldm_jax.convert import sd3 as sd3_convert
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
-from ldm_jax.models import presets
+from ldm_jax.models import backbones, lora, presets
 from ldm_jax.models.text_encoder import TextEncoder
 from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
 
@@ -80,15 +80,49 @@ def backbone_config(model_sec, *, context_dim: int, latent_channels: int, **opti
     return _preset(BACKBONE_PRESETS[name], backbone_section(model_sec), name, **{**fit, **options})
 
 
-def pretrained_backbone(model_sec):
-    """(config, params) from ``model.<backbone>.pretrained`` (a diffusers unet / transformer folder), or None."""
+def pretrained_backbone(model_sec, **fit):
+    """(config, params) from ``model.<backbone>.pretrained``: a diffusers unet / transformer folder, or a
+    latent-diffusion workdir (its EMA weights, its config's backbone fitted with `fit`: context_dim and
+    latent_channels as `backbone_config`); None without one."""
     path = backbone_section(model_sec).get("pretrained")
     if not path:
         return None
     name = backbone(model_sec)
+    if is_workdir(path):
+        saved = read_config(path)
+        if saved.get("train", {}).get("stage") != "ldm" or _saved_backbone(saved) != name:
+            raise ConfigError(f"model.{name}.pretrained='{path}' is not a latent-diffusion workdir with a {name}")
+        cfg = backbone_config(saved["model"], **fit)
+        params = restore_params(path, ema=True)
+        got = {"/".join(k): tuple(v.shape) for k, v in _flat_items(params)}
+        if got != backbones.param_shapes(cfg):
+            raise ConfigError(f"model.{name}.pretrained='{path}': its checkpoint does not match its own config")
+        return cfg, params
     if name == "unet":
         return dconv.load_unet(path)
     return dit_convert.load_dit(path) if name == "dit" else sd3_convert.load_sd3_transformer(path)
+
+
+def _saved_backbone(config: dict) -> str:
+    return (config.get("model", {}) or {}).get("backbone") or "unet"
+
+
+def _flat_items(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat_items(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def lora_config(config):
+    """The run's ``lora`` section as a LoraConfig, or None when it trains the whole network (rank 0)."""
+    sec = section((config.get("lora") if hasattr(config, "get") else None) or {})
+    if not int(sec.get("rank", 0) or 0):
+        return None
+    alpha = float(sec.get("alpha", 0.0) or 0.0)
+    return lora.LoraConfig(rank=int(sec["rank"]), alpha=alpha or None, dropout=float(sec.get("dropout", 0.0)),
+                           targets=tuple(sec.get("targets", ("attention",))))
 
 
 def vae_config(sec, **defaults):

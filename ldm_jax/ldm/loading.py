@@ -279,7 +279,7 @@ def config_parts(config, unet_params=None, schedule_params=None) -> dict:
     model = config["model"]
     te = build.text_encoder(model["text_encoder"])
     vae_cfg, vae_params = build.frozen_vae(model["vae"])
-    pre = build.pretrained_backbone(model)
+    pre = build.pretrained_backbone(model, context_dim=te.hidden_size, latent_channels=vae_cfg.latent_channels)
     if pre is not None:
         unet_cfg, pretrained = pre
         unet_params = pretrained if unet_params is None else unet_params
@@ -324,8 +324,11 @@ def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool
     if build.diffusion_config(config.get("diffusion", {})).learned:  # trained beside the U-Net (TrainState.extra)
         schedule_params = restore_state_item(path, "extra", step)["params"]
     parts = config_parts(config, schedule_params=schedule_params)
-    unet_params = _check_params(unbox(restore_params(path, step, ema=ema)),
-                                backbones.param_shapes(parts["unet_config"]), f"denoiser of {path}")
+    trained = unbox(restore_params(path, step, ema=ema))
+    lora_cfg = build.lora_config(config)
+    if lora_cfg is not None:  # a LoRA run: its checkpoints hold the adapter; the base is model.<backbone>.pretrained
+        trained = lora_lib.merge(parts["unet_params"], [(lora_adapter(lora_cfg, parts["unet_params"], trained), 1.0)])
+    unet_params = _check_params(trained, backbones.param_shapes(parts["unet_config"]), f"denoiser of {path}")
     parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)
     if dtype is not None:
         te = parts["text_encoder"]
@@ -355,6 +358,17 @@ def looks_like_model_id(path: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- LoRA files
+def lora_adapter(cfg, base_params, checkpoint_tree) -> lora_lib.LoraAdapter:
+    """The adapter a LoRA run checkpointed (`checkpoint_tree`: its saved ``params`` leaves), with the run's
+    alphas: the structure of ``init_lora(cfg, base)`` filled with the saved arrays."""
+    like = lora_lib.init_lora(cfg, jax.eval_shape(lambda: base_params), jax.random.key(0))
+    saved = checkpoint_tree.get("params", checkpoint_tree) if isinstance(checkpoint_tree, Mapping) else None
+    try:
+        return like.replace(params=jax.tree.map(lambda _, a: np.asarray(a), like.params, saved))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConversionError(f"the checkpointed LoRA adapter does not match lora={cfg} ({str(e)[:120]})") from None
+
+
 def merged_lora(model, files: Sequence[tuple[str | os.PathLike, float]]):
     """(U-Net params, TextEncoder) of `model` with the LoRA `files` ((path, weight) pairs) merged in."""
     if model.backbone != "unet":

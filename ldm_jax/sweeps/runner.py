@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from absl import logging
 
+from ldm_jax.configlib import with_added_keys
 from ldm_jax.sweeps.spec import Run, expand
 
 TrainFn = Callable[..., object]          # train_fn(config, workdir)
@@ -105,7 +106,7 @@ def trained_differently(config, workdir: str) -> str | None:
     step = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
     if step < last:
         return f"its checkpoint in {workdir} stopped at step {step} of {last}"
-    diff = config_differences(json.loads(config.to_json_best_effort()), saved)
+    diff = config_differences(json.loads(config.to_json_best_effort()), with_added_keys(saved))
     return f"{workdir} was trained with different {', '.join(diff[:5])}" if diff else None
 
 

@@ -36,7 +36,7 @@ from ldm_jax.data import DataConfig, DataError, build_latent_cache, make_iterato
 from ldm_jax.eval import stage_metrics
 from ldm_jax.images import make_grid, save_png
 from ldm_jax.ldm import LatentDiffusion, SampleConfig, build
-from ldm_jax.models import unbox
+from ldm_jax.models import lora, unbox
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError
 
@@ -135,10 +135,24 @@ def make_task(config, workdir: str):
     dc = build.diffusion_config(config.diffusion)  # typed here; the traced loss reads only its fields
     dc.check(model.schedule)
 
+    lora_cfg = build.lora_config(config)
+    if lora_cfg is not None:  # adapters on the frozen pretrained network are the trained parameters
+        if pretrained is None:
+            raise ConfigError(f"lora.rank={lora_cfg.rank} trains adapters on a frozen network: set "
+                              f"model.{model.backbone}.pretrained (a diffusers folder or a latent-diffusion workdir)")
+        frozen["base"], pretrained = pretrained, None
+    base_shapes = jax.eval_shape(lambda: frozen["base"]) if lora_cfg is not None else None
+
     def init(rng):
+        if lora_cfg is not None:
+            return lora.init_lora(lora_cfg, base_shapes, rng)  # up = 0: the step-0 model is the base exactly
         x = jnp.zeros((1, *latent_shape), jnp.float32)
         ctx = jnp.zeros((1, te.max_length, te.hidden_size), jnp.float32)
         return model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]  # pretrained weights: Task.pretrained
+
+    def network_params(params, frozen):
+        """The denoiser's weights: the trained tree, or the frozen base with the trained adapter applied."""
+        return params if lora_cfg is None else lora.apply_lora(frozen["base"], [(params, 1.0)])
 
     def per_example_loss(params, batch, rng, schedule, frozen):
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
@@ -151,8 +165,8 @@ def make_task(config, workdir: str):
             ctx = batch["text_embedding"]
         else:
             ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
-        return noised_loss(model.denoiser(params, schedule), latents, jax.lax.stop_gradient(ctx), r_t, r_noise,
-                           schedule, dc)
+        return noised_loss(model.denoiser(network_params(params, frozen), schedule), latents,
+                           jax.lax.stop_gradient(ctx), r_t, r_noise, schedule, dc)
 
     def schedule_of(extra):
         """The schedule of this step: a learned one from its trained parameters, else the fixed one."""
@@ -176,8 +190,9 @@ def make_task(config, workdir: str):
                 frozen=frozen, pretrained=pretrained, **learned)
 
     def current(state, ema_params):
-        """What generation uses at this step: the EMA U-Net and the step's schedule."""
-        return unbox(ema_params), (schedule_of(state.extra) if dc.learned else None)
+        """What generation uses at this step: the EMA denoiser (with a LoRA run's EMA adapter merged into the
+        base) and the step's schedule."""
+        return network_params(unbox(ema_params), frozen), (schedule_of(state.extra) if dc.learned else None)
 
     callbacks = []
     if sample.every_steps > 0:

@@ -137,9 +137,9 @@ def _backbone_config(config, ctx_dim: int, latent_channels: int):
     options = build.compute_options(config)
     if sec.get("pretrained"):
         name = build.backbone(config.model)
-        if name == "unet":
+        if name == "unet" and not is_workdir(sec["pretrained"]):
             return dconv.unet_config_from_diffusers(_diffusers_config(sec["pretrained"], "unet")).replace(**options)
-        cfg, _ = build.pretrained_backbone(config.model)
+        cfg, _ = build.pretrained_backbone(config.model, context_dim=ctx_dim, latent_channels=latent_channels)
         return cfg.replace(**options)
     return build.backbone_config(config.model, context_dim=ctx_dim, latent_channels=latent_channels, **options)
 

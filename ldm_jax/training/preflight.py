@@ -24,6 +24,7 @@ import math
 import os
 import tempfile
 
+from ldm_jax.configlib import with_added_keys
 from ldm_jax.ldm.workdirs import PATH_KEYS
 from ldm_jax.types import ConfigError
 
@@ -34,14 +35,10 @@ _IDENTITY = {
     "autoencoder": ("train.stage", "model.vae", "data.name", "data.resolution", "data.channels",
                     "data.builder_kwargs", "autoencoder.disc_channels", "autoencoder.disc_layers",
                     "autoencoder.disc_start"),
-    "ldm": ("train.stage", "model.backbone", "model.vae", "model.text_encoder", "diffusion", "data.name",
+    "ldm": ("train.stage", "model.backbone", "model.vae", "model.text_encoder", "diffusion", "lora", "data.name",
             "data.resolution", "data.channels", "data.builder_kwargs"),  # + model.<backbone> (`_identity`)
     "toy": ("train.stage", "toy.width", "toy.extra", "data.resolution"),
 }
-
-
-# Keys added to the schema after runs were saved without them: a saved config that lacks one ran with this value.
-_ADDED_KEYS = {"model.backbone": "unet", "diffusion.network_input": "vp"}
 
 
 def _identity(stage: str, config) -> tuple[str, ...]:
@@ -117,8 +114,14 @@ def check_sections(config) -> None:
                                   "set sample.every_steps=0 and eval.every_steps=0 (then sample with ldm-jax sample "
                                   "--spacing=logsnr), or truncate the schedule (diffusion.logsnr_min/logsnr_max)")
         build.TextEncoderConfig.from_config(build.section(config.model.text_encoder))
-        if not build.backbone_section(config.model).get("pretrained"):  # backbone name and preset fields
+        pretrained = build.backbone_section(config.model).get("pretrained")
+        if not pretrained:  # backbone name and preset fields
             build.backbone_config(config.model, context_dim=8, latent_channels=4)
+        lora_cfg = build.lora_config(config)
+        if lora_cfg is not None and not pretrained:
+            raise ConfigError(f"lora.rank={lora_cfg.rank} trains adapters on a frozen network: set model."
+                              f"{build.backbone(config.model)}.pretrained (a diffusers folder or a latent-diffusion "
+                              "workdir)")
     elif stage == "autoencoder":
         from ldm_jax.ldm import build
         from ldm_jax.training.autoencoder import AutoencoderLossConfig
@@ -206,10 +209,7 @@ def config_differences(saved: dict, config, stage: str) -> tuple[list[str], list
     """(differences that make the workdir another run, other differences) between a checkpoint's config and
     the run's, as "key: saved -> now" strings; path-valued keys are not compared."""
     plain = _plain(config)
-    old, new = flat(saved), flat(plain)
-    for key, value in _ADDED_KEYS.items():
-        if key not in old and key in new:
-            old[key] = value
+    old, new = flat(with_added_keys(saved)), flat(plain)
     identity = _identity(stage, plain)
     blocking, other = [], []
     for key in sorted(set(old) | set(new)):

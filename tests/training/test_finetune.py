@@ -70,5 +70,5 @@ def test_pretrained_unet_that_does_not_fit_fails_clearly(folders, tmp_path):
     UNet2DConditionModel(**{**UNET, "cross_attention_dim": 32}).save_pretrained(bad)
     config = _config(folders, tmp_path)
     config.model.unet.pretrained = str(bad)
-    with pytest.raises(Exception, match="cross_attention_dim=32 but the text encoder gives 384"):
+    with pytest.raises(Exception, match="attends to 32-wide text states but the text encoder gives 384-wide"):
         make_stage(config, str(tmp_path / "run2"))

@@ -118,6 +118,9 @@ def check_sections(config) -> None:
         if not pretrained:  # backbone name and preset fields
             build.backbone_config(config.model, context_dim=8, latent_channels=4)
         lora_cfg = build.lora_config(config)
+        if lora_cfg is not None and lora_cfg.dropout > 0:
+            raise ConfigError(f"lora.dropout={lora_cfg.dropout}: training applies adapters as merged weights, where "
+                              "dropout on the low-rank input has no place; set lora.dropout=0")
         if lora_cfg is not None and not pretrained:
             raise ConfigError(f"lora.rank={lora_cfg.rank} trains adapters on a frozen network: set model."
                               f"{build.backbone(config.model)}.pretrained (a diffusers folder or a latent-diffusion "

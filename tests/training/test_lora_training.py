@@ -95,6 +95,9 @@ def test_lora_needs_a_base_network(tmp_path):
     c.lora.rank = 4
     with pytest.raises(ConfigError, match=r"lora.rank=4 trains adapters on a frozen network: set model.unet.pre"):
         run(c, str(tmp_path / "w"))
+    c.lora.dropout = 0.1
+    with pytest.raises(ConfigError, match="lora.dropout=0.1"):
+        run(c, str(tmp_path / "w"))
 
 
 def _items(tree, prefix=()):

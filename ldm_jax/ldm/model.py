@@ -153,6 +153,8 @@ class LatentDiffusion:
         or (path, weight); diffusers/PEFT and kohya safetensors (``ldm_jax.convert.lora``). Weights add up, as
         diffusers' ``set_adapters``; a key that fits no layer stops with one line naming it."""
         unet_params, text_encoder = loading.merged_lora(self, [f if isinstance(f, tuple) else (f, 1.0) for f in files])
+        if text_encoder is self.text_encoder:  # U-Net weights only: the compiled generation functions are reused
+            return self.replace(unet_params=unet_params)
         return self.replace(unet_params=unet_params, text_encoder=text_encoder)
 
     def denoiser(self, unet_params: PyTree = None, schedule=None) -> Denoiser:

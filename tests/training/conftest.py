@@ -43,3 +43,18 @@ def _free_port() -> int:
 def free_port():
     """``free_port() -> int``: a TCP port on 127.0.0.1 nothing listens on (a jax.distributed coordinator)."""
     return _free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory):
+    """(workdir, data_dir) of configs/shapes_autoencoder.py:tiny trained 2 steps: the stage-1 model of the tests
+    that train a latent-diffusion stage on top of it (one per test process)."""
+    from ldm_jax.configlib import load_config
+    from ldm_jax.training import run
+
+    root = tmp_path_factory.mktemp("tiny_autoencoder")
+    ae = load_config(os.path.join(ROOT, "configs", "shapes_autoencoder.py:tiny"))
+    ae.data.data_dir = str(root / "data")
+    ae.train.num_steps, ae.sample.every_steps, ae.checkpoint.every_steps = 2, 0, 2
+    run(ae, str(root / "ae"))
+    return str(root / "ae"), str(root / "data")

@@ -18,19 +18,9 @@ from ldm_jax.training.writers import read_metrics
 STEPS = 30
 
 
-@pytest.fixture(scope="module")
-def autoencoder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backbones")
-    ae = load_config("configs/shapes_autoencoder.py:tiny")
-    ae.data.data_dir = str(root / "data")
-    ae.train.num_steps, ae.sample.every_steps, ae.checkpoint.every_steps = 2, 0, 2
-    run(ae, str(root / "ae"))
-    return str(root / "ae"), str(root / "data")
-
-
 @pytest.mark.parametrize("name", ["dit", "mmdit"])
-def test_flow_matching_run_trains_and_samples_through_the_one_path(name, autoencoder, tmp_path):
-    ae_dir, data_dir = autoencoder
+def test_flow_matching_run_trains_and_samples_through_the_one_path(name, tiny_autoencoder, tmp_path):
+    ae_dir, data_dir = tiny_autoencoder
     c = load_config(f"configs/shapes_{name}.py:tiny")
     assert c.model.backbone == name and c.diffusion.network_input == "flow" and c.diffusion.prediction == "flow"
     c.model.vae.workdir, c.data.data_dir = ae_dir, data_dir

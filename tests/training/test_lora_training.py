@@ -31,25 +31,22 @@ def _digest(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    ae = load_config("configs/shapes_autoencoder.py:tiny")
-    ae.data.data_dir = str(root / "data")
-    ae.train.num_steps, ae.sample.every_steps, ae.checkpoint.every_steps = 2, 0, 2
-    run(ae, str(root / "ae"))
+def base_run(tiny_autoencoder, tmp_path_factory):
+    """(autoencoder, data, base latent-diffusion workdir): shapes_ldm:tiny trained 4 steps."""
+    ae_dir, data_dir = tiny_autoencoder
+    base = str(tmp_path_factory.mktemp("lora_base") / "base")
     c = load_config("configs/shapes_ldm.py:tiny")
-    c.model.vae.workdir, c.data.data_dir = str(root / "ae"), str(root / "data")
+    c.model.vae.workdir, c.data.data_dir = ae_dir, data_dir
     c.sample.every_steps = 0
-    run(c, str(root / "base"))
-    return root
+    run(c, base)
+    return ae_dir, data_dir, base
 
 
 def test_lora_run_trains_only_the_adapter_and_samples_through_the_one_path(base_run, tmp_path):
-    root = base_run
-    base_dir = str(root / "base")
+    ae_dir, data_dir, base_dir = base_run
     before = _digest(base_dir)
     c = load_config("configs/shapes_ldm.py:tiny")
-    c.model.vae.workdir, c.data.data_dir = str(root / "ae"), str(root / "data")
+    c.model.vae.workdir, c.data.data_dir = ae_dir, data_dir
     c.model.unet.pretrained = base_dir
     # the 4-step base's zero-initialised conv_out still hides its attention layers: adapt conv_out too
     c.lora.rank, c.lora.alpha, c.lora.targets = 2, 4.0, ("attention", "conv_out")
@@ -79,7 +76,8 @@ def test_lora_run_trains_only_the_adapter_and_samples_through_the_one_path(base_
     images = tuned.generate(list(s.prompts), **settings)
     grid = np.asarray(Image.open(os.path.join(workdir, "samples", "0000002.png")))
     np.testing.assert_array_equal(grid, make_grid(images))
-    base = LatentDiffusion.from_workdir(base_dir)
+    # the base run's weights in the same model object (its compiled generation is reused): other images
+    base = tuned.replace(unet_params=LatentDiffusion.from_workdir(base_dir).unet_params)
     assert np.abs(base.generate(list(s.prompts), **settings).astype(int) - images).mean() > 0.5
 
     # the EMA adapter as a LoRA file (diffusers layout), merged into the base model: the same pixels

@@ -15,11 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax import diffusion
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import dit as dit_convert
 from ldm_jax.convert import sd3 as sd3_convert
+from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models import backbones, lora, presets
 from ldm_jax.models.text_encoder import TextEncoder
@@ -93,11 +95,8 @@ def pretrained_backbone(model_sec, **fit):
         if saved.get("train", {}).get("stage") != "ldm" or _saved_backbone(saved) != name:
             raise ConfigError(f"model.{name}.pretrained='{path}' is not a latent-diffusion workdir with a {name}")
         cfg = backbone_config(saved["model"], **fit)
-        params = restore_params(path, ema=True)
-        got = {"/".join(k): tuple(v.shape) for k, v in _flat_items(params)}
-        if got != backbones.param_shapes(cfg):
-            raise ConfigError(f"model.{name}.pretrained='{path}': its checkpoint does not match its own config")
-        return cfg, params
+        return cfg, check_params(restore_params(path, ema=True), backbones.param_shapes(cfg),
+                                 f"model.{name}.pretrained='{path}'")
     if name == "unet":
         return dconv.load_unet(path)
     return dit_convert.load_dit(path) if name == "dit" else sd3_convert.load_sd3_transformer(path)
@@ -107,12 +106,15 @@ def _saved_backbone(config: dict) -> str:
     return (config.get("model", {}) or {}).get("backbone") or "unet"
 
 
-def _flat_items(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat_items(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+def check_params(tree, expected: dict, what: str):
+    """`tree` when its {'a/b': shape} equals `expected` (a config's ``param_shapes``), else a one-line
+    ConversionError: a checkpoint trained with another model config."""
+    got = {k: tuple(np.shape(v)) for k, v in flatten(tree).items()}
+    if got != dict(expected):
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in expected if got[k] != expected[k])
+        raise ConversionError(f"{what}: checkpoint parameters do not match the config ({len(wrong)} keys differ, "
+                              f"e.g. '{wrong[0]}'); was the workdir trained with another model config?")
+    return tree
 
 
 def lora_config(config):

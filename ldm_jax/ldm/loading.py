@@ -39,7 +39,7 @@ from ldm_jax import diffusion
 from ldm_jax.convert import compvis
 from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import lora as lora_convert
-from ldm_jax.convert.common import ConversionError, flatten
+from ldm_jax.convert.common import ConversionError
 from ldm_jax.convert.pipeline_folder import LDM_JAX
 from ldm_jax.ldm import build
 from ldm_jax.ldm.generate import SampleConfig
@@ -303,15 +303,6 @@ def config_parts(config, unet_params=None, schedule_params=None) -> dict:
                 sample=SampleConfig.from_config(config.get("sample", {}) or {}))
 
 
-def _check_params(tree, expected: Mapping[str, tuple], what: str):
-    got = {k: tuple(np.shape(v)) for k, v in flatten(tree).items()}
-    if got != dict(expected):
-        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in expected if got[k] != expected[k])
-        raise ConversionError(f"{what}: checkpoint parameters do not match the config ({len(wrong)} keys differ, "
-                              f"e.g. '{wrong[0]}'); was the workdir trained with another model config?")
-    return tree
-
-
 def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool = True, dtype=None) -> dict:
     """A stage-2 (ldm) ldm_jax workdir, from its newest checkpoint (or `step`): the saved config read by
     `config_parts`, the U-Net weights of the checkpoint's ``ema_params`` (``params`` with ``ema=False``)."""
@@ -328,7 +319,7 @@ def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool
     lora_cfg = build.lora_config(config)
     if lora_cfg is not None:  # a LoRA run: its checkpoints hold the adapter; the base is model.<backbone>.pretrained
         trained = lora_lib.merge(parts["unet_params"], [(lora_adapter(lora_cfg, parts["unet_params"], trained), 1.0)])
-    unet_params = _check_params(trained, backbones.param_shapes(parts["unet_config"]), f"denoiser of {path}")
+    unet_params = build.check_params(trained, backbones.param_shapes(parts["unet_config"]), f"denoiser of {path}")
     parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)
     if dtype is not None:
         te = parts["text_encoder"]

@@ -44,6 +44,8 @@ from ldm_jax.models.layers import (
     LayerNorm,
     TimestepMLP,
     canonical_dtype,
+    check_class_labels,
+    check_denoiser_inputs,
     conv,
     dense,
     maybe_remat,
@@ -273,31 +275,8 @@ class DiT(nn.Module):
 
 
 def _check_inputs(cfg: DiTConfig, x, timesteps, context, y) -> None:
-    p = cfg.patch_size
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-        raise ValueError(
-            f"DiT: x has shape {tuple(x.shape)}, expected (B, H, W, {cfg.in_channels}) NHWC; "
-            "transpose NCHW inputs with x.transpose(0, 2, 3, 1)"
-        )
-    if x.shape[1] % p or x.shape[2] % p:
-        raise ValueError(f"DiT: input size {x.shape[1]}x{x.shape[2]} is not a multiple of patch_size {p}; "
-                         "pad or crop the latents")
-    if cfg.cross_attention_dim is None:
-        if context is not None:
-            raise ValueError("DiT: context given but cross_attention_dim is None; drop context or set "
-                             "cross_attention_dim in the config")
-    elif context is None or context.ndim != 3 or context.shape[0] != x.shape[0] or \
-            context.shape[-1] != cfg.cross_attention_dim:
-        got = None if context is None else tuple(context.shape)
-        raise ValueError(f"DiT: context is {got}, expected ({x.shape[0]}, L, {cfg.cross_attention_dim}) — "
-                         "the text encoder's hidden states")
-    t_shape = jnp.shape(timesteps)
-    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"DiT: timesteps has shape {t_shape}, expected ({x.shape[0]},) or a scalar")
-    if (cfg.num_classes is None) != (y is None):
-        fix = "pass y=(B,) int labels" if y is None else "drop y, or set num_classes in the config"
-        given = "None" if y is None else "given"
-        raise ValueError(f"DiT: num_classes={cfg.num_classes} but y is {given}; {fix}")
+    check_denoiser_inputs("DiT", x, cfg.in_channels, timesteps, context, cfg.cross_attention_dim, cfg.patch_size)
+    check_class_labels("DiT", "num_classes", cfg.num_classes, y)
 
 
 # ---------------------------------------------------------------------------- helpers and presets

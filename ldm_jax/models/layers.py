@@ -299,6 +299,36 @@ class ResnetBlock(nn.Module):
         return spatial_constraint(x.astype(h.dtype) + h)
 
 
+def check_denoiser_inputs(name: str, x, in_channels: int, timesteps, context, context_dim: int | None,
+                          patch_size: int = 1) -> None:
+    """The input checks every denoiser shares (a ValueError naming `name` and the fix): x NHWC with
+    `in_channels`, its sides multiples of `patch_size`; context (B, L, context_dim) (absent when context_dim is
+    None); timesteps (B,), (1,) or a scalar."""
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(f"{name}: x has shape {tuple(x.shape)}, expected (B, H, W, {in_channels}) NHWC; "
+                         "transpose NCHW inputs with x.transpose(0, 2, 3, 1)")
+    if x.shape[1] % patch_size or x.shape[2] % patch_size:
+        raise ValueError(f"{name}: latent size {x.shape[1]} x {x.shape[2]} is not a multiple of "
+                         f"patch_size={patch_size}; pad or crop the latents")
+    if context_dim is None:
+        if context is not None:
+            raise ValueError(f"{name}: context given but the config has no text width; drop context or set it")
+    elif context is None or context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != context_dim:
+        got = None if context is None else tuple(context.shape)
+        raise ValueError(f"{name}: context has shape {got}, expected ({x.shape[0]}, L, {context_dim}): the text "
+                         "encoder's hidden states")
+    t_shape = jnp.shape(timesteps)
+    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"{name}: timesteps has shape {t_shape}, expected ({x.shape[0]},) or a scalar")
+
+
+def check_class_labels(name: str, field: str, num_classes: int | None, y) -> None:
+    """Class labels y are given exactly when the config has a class table (`field` = num_classes)."""
+    if (num_classes is None) != (y is None):
+        fix = "pass y=(B,) int labels" if y is None else f"drop y, or set {field} in the config"
+        raise ValueError(f"{name}: {field}={num_classes} but y is {'None' if y is None else 'given'}; {fix}")
+
+
 def maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
     """`nn.remat(cls)` (recompute activations in the backward pass) when `remat`, else `cls`."""
     return nn.remat(cls) if remat else cls

@@ -40,6 +40,7 @@ from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.models.layers import (
     TimestepMLP,
     canonical_dtype,
+    check_denoiser_inputs,
     conv,
     dense,
     maybe_remat,
@@ -354,22 +355,7 @@ class MMDiT(nn.Module):
 
 
 def _check_inputs(cfg: MMDiTConfig, x, timesteps, context, pooled) -> None:
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-        raise ValueError(
-            f"MMDiT: x has shape {tuple(x.shape)}, expected (B, H, W, {cfg.in_channels}) NHWC; "
-            "transpose NCHW inputs with x.transpose(0, 2, 3, 1)"
-        )
-    if x.shape[1] % cfg.patch_size or x.shape[2] % cfg.patch_size:
-        raise ValueError(f"MMDiT: latent size {x.shape[1]} x {x.shape[2]} is not a multiple of "
-                         f"patch_size={cfg.patch_size}")
-    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.joint_attention_dim:
-        raise ValueError(
-            f"MMDiT: context has shape {tuple(context.shape)}, expected ({x.shape[0]}, L, "
-            f"{cfg.joint_attention_dim}) — the text encoders' hidden states"
-        )
-    t_shape = jnp.shape(timesteps)
-    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"MMDiT: timesteps has shape {t_shape}, expected ({x.shape[0]},) or a scalar")
+    check_denoiser_inputs("MMDiT", x, cfg.in_channels, timesteps, context, cfg.joint_attention_dim, cfg.patch_size)
     if pooled is None:
         if cfg.pooled_projection_dim != cfg.joint_attention_dim:
             raise ValueError(

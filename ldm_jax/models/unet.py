@@ -39,6 +39,8 @@ from ldm_jax.models.layers import (
     TimestepMLP,
     Upsample,
     canonical_dtype,
+    check_class_labels,
+    check_denoiser_inputs,
     conv,
     maybe_remat,
     per_level,
@@ -371,23 +373,8 @@ class UNet(nn.Module):
 
 
 def _check_inputs(cfg: UNetConfig, x, timesteps, context, y) -> None:
-    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-        raise ValueError(
-            f"UNet: x has shape {tuple(x.shape)}, expected (B, H, W, {cfg.in_channels}) NHWC; "
-            "transpose NCHW inputs with x.transpose(0, 2, 3, 1)"
-        )
-    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
-        raise ValueError(
-            f"UNet: context has shape {tuple(context.shape)}, expected ({x.shape[0]}, L, "
-            f"{cfg.cross_attention_dim}) — the text encoder's hidden states"
-        )
-    t_shape = jnp.shape(timesteps)
-    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"UNet: timesteps has shape {t_shape}, expected ({x.shape[0]},) or a scalar")
-    if (cfg.num_class_embeds is None) != (y is None):
-        fix = "pass y=(B,) int labels" if y is None else "drop y, or set num_class_embeds in the config"
-        given = "None" if y is None else "given"
-        raise ValueError(f"UNet: num_class_embeds={cfg.num_class_embeds} but y is {given}; {fix}")
+    check_denoiser_inputs("UNet", x, cfg.in_channels, timesteps, context, cfg.cross_attention_dim)
+    check_class_labels("UNet", "num_class_embeds", cfg.num_class_embeds, y)
 
 
 def _check_added(cfg: UNetConfig, added, batch: int) -> None:

@@ -37,6 +37,7 @@ from ldm_jax.eval import stage_metrics
 from ldm_jax.images import make_grid, save_png
 from ldm_jax.ldm import LatentDiffusion, SampleConfig, build
 from ldm_jax.models import lora, unbox
+from ldm_jax.training.sharding import host_copy
 from ldm_jax.training.task import Task
 from ldm_jax.types import ConfigError
 
@@ -192,7 +193,10 @@ def make_task(config, workdir: str):
     def current(state, ema_params):
         """What generation uses at this step: the EMA denoiser (with a LoRA run's EMA adapter merged into the
         base) and the step's schedule."""
-        return network_params(unbox(ema_params), frozen), (schedule_of(state.extra) if dc.learned else None)
+        params = unbox(ema_params)
+        if lora_cfg is not None:  # the adapter gathered to host on every process (a collective), merged there
+            params = network_params(host_copy(params), frozen)
+        return params, (schedule_of(state.extra) if dc.learned else None)
 
     callbacks = []
     if sample.every_steps > 0:

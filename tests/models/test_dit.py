@@ -200,7 +200,7 @@ def test_bad_configs_and_inputs_give_one_line_errors():
     cfg = D.tiny_dit(num_classes=4)
     x, t, _, y = inputs(cfg)
     init = lambda *a: jax.eval_shape(lambda: D.DiT(cfg).init(jax.random.key(0), *a))
-    with pytest.raises(ValueError, match="not a multiple of patch_size 2"):
+    with pytest.raises(ValueError, match="not a multiple of patch_size=2"):
         init(x[:, :7], t, None, y)
     with pytest.raises(ValueError, match="pass y="):
         init(x, t, None, None)

@@ -10,9 +10,8 @@ without torch:
                                                      final_norm=False, return_pooled=True)
 
 The reading direction lives in `ldm_jax.models.hf_text` (the models load their own pretrained weights) and
-is re-exported here, except `load_clip_text` / `clip_text_params_from_state_dict`, whose versions here also
-take the ``text_projection`` of a CLIPTextModelWithProjection (SDXL's second encoder) and are otherwise the
-same. This module adds the writing direction (`save_clip_text`, `clip_text_state_dict`,
+is re-exported here (it reads CLIPTextModelWithProjection folders too, SDXL's second encoder). This module
+adds the writing direction (`save_clip_text`, `clip_text_state_dict`,
 `clip_text_config_to_hf`; `save_bert`, `bert_state_dict`, `bert_config_to_hf`, which write what
 ``transformers.BertModel`` / ``AutoModel`` load). Keys may carry the ``text_model.`` (CLIP) or ``bert.`` (BERT)
 prefix or not: transformers 5 saves CLIPTextModel without it, older exports and SD folders with it. Checking is
@@ -29,20 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_jax.convert.common import ConversionError, check_tree, flatten, unflatten, write_safetensors
+from ldm_jax.convert.common import ConversionError, check_tree, flatten, write_safetensors
 from ldm_jax.models.hf_text import (
     _BERT_NAMES,
-    _CLIP_BUFFERS,
     _CLIP_NAMES,
+    _CLIP_PROJECTION_NAMES,
     _LEAVES,
+    _PROJECTION_KEY,
     _expected,
-    _read_config,
-    _read_folder,
-    _to_flax,
     bert_config_from_hf,
     bert_params_from_state_dict,
     clip_text_config_from_hf,
+    clip_text_params_from_state_dict,
     load_bert,
+    load_clip_text,
     load_minilm,
     minilm_dir,
 )
@@ -64,33 +63,6 @@ __all__ = [
     "save_bert",
     "save_clip_text",
 ]
-
-
-# CLIPTextModelWithProjection = CLIPTextModel's names under "text_model." + a bias-free "text_projection".
-_CLIP_PROJECTION_NAMES = {**_CLIP_NAMES, "text_projection": ("text_projection", "dense")}
-_PROJECTION_KEY = "text_projection.weight"
-
-
-def clip_text_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
-    """HF CLIPTextModel / CLIPTextModelWithProjection state dict (with or without ``text_model.``) ->
-    CLIPTextEncoder params (numpy). ``text_projection.weight`` is expected iff ``cfg.projection_dim`` is set."""
-    names = _CLIP_NAMES if cfg.projection_dim is None else _CLIP_PROJECTION_NAMES
-    flat = _to_flax(state_dict, names, "text_model.", _CLIP_BUFFERS)
-    check_tree(_expected(CLIPTextEncoder(cfg)), flat, "CLIP text encoder")
-    return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
-
-
-def load_clip_text(path: str | os.PathLike) -> tuple[CLIPTextConfig, dict]:
-    """Reads an HF CLIPTextModel folder (an SD ``text_encoder/``) or a CLIPTextModelWithProjection folder
-    (SDXL's ``text_encoder_2/``: `projection_dim` is then set from the ``text_projection`` weight) ->
-    (config, params)."""
-    path = Path(path)
-    state_dict = _read_folder(path)
-    cfg = clip_text_config_from_hf(_read_config(path))
-    projection = state_dict.get(_PROJECTION_KEY)
-    if projection is not None:
-        cfg = cfg.replace(projection_dim=int(np.shape(projection)[0]))
-    return cfg, clip_text_params_from_state_dict(state_dict, cfg)
 
 
 def _to_torch(params: Mapping, names) -> dict[str, np.ndarray]:

@@ -161,9 +161,16 @@ def bert_config_from_hf(hf: Mapping, add_pooler: bool = False) -> BertConfig:
 
 
 # ---------------------------------------------------------------------------- CLIP
+# CLIPTextModelWithProjection = CLIPTextModel's names under "text_model." + a bias-free "text_projection".
+_CLIP_PROJECTION_NAMES = {**_CLIP_NAMES, "text_projection": ("text_projection", "dense")}
+_PROJECTION_KEY = "text_projection.weight"
+
+
 def clip_text_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> dict:
-    """HF CLIPTextModel state dict (with or without ``text_model.``) -> CLIPTextEncoder params (numpy)."""
-    flat = _to_flax(state_dict, _CLIP_NAMES, "text_model.", _CLIP_BUFFERS)
+    """HF CLIPTextModel / CLIPTextModelWithProjection state dict (with or without ``text_model.``) ->
+    CLIPTextEncoder params (numpy). ``text_projection.weight`` is expected iff ``cfg.projection_dim`` is set."""
+    names = _CLIP_NAMES if cfg.projection_dim is None else _CLIP_PROJECTION_NAMES
+    flat = _to_flax(state_dict, names, "text_model.", _CLIP_BUFFERS)
     check_tree(_expected(CLIPTextEncoder(cfg)), flat, "CLIP text encoder")
     return unflatten({k: v.astype(np.float32) for k, v in flat.items()})
 
@@ -184,10 +191,16 @@ def _read_folder(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_clip_text(path: str | os.PathLike) -> tuple[CLIPTextConfig, dict]:
-    """Reads an HF CLIPTextModel folder (e.g. an SD ``text_encoder/``) -> (config, params)."""
+    """Reads an HF CLIPTextModel folder (an SD ``text_encoder/``) or a CLIPTextModelWithProjection folder
+    (SDXL's ``text_encoder_2/``: `projection_dim` is then set from the ``text_projection`` weight) ->
+    (config, params)."""
     path = Path(path)
+    state_dict = _read_folder(path)
     cfg = clip_text_config_from_hf(_read_config(path))
-    return cfg, clip_text_params_from_state_dict(_read_folder(path), cfg)
+    projection = state_dict.get(_PROJECTION_KEY)
+    if projection is not None:
+        cfg = cfg.replace(projection_dim=int(np.shape(projection)[0]))
+    return cfg, clip_text_params_from_state_dict(state_dict, cfg)
 
 
 # ---------------------------------------------------------------------------- BERT

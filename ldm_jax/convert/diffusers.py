@@ -29,6 +29,7 @@ from ldm_jax.convert.common import (
     flatten,
     linear_to_flax,
     linear_to_torch,
+    model_dir,
     read_safetensors,
     unflatten,
     write_safetensors,
@@ -412,16 +413,6 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------- files
-def _model_dir(path: str | os.PathLike, subfolder: str) -> str:
-    path = os.fspath(path)
-    for d in (path, os.path.join(path, subfolder)):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            return d
-    raise FileNotFoundError(
-        f"no config.json in '{path}' or '{os.path.join(path, subfolder)}': pass a diffusers model folder"
-    )
-
-
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -476,14 +467,14 @@ def load_unet(path: str | os.PathLike, *, variant: str | None = None, **override
     `overrides` replace config fields that do not change the weights (dtype, param_dtype, remat,
     attention_impl).
     """
-    d = _model_dir(path, "unet")
+    d = model_dir(path, "unet")
     cfg = unet_config_from_diffusers(_read_config(d)).replace(**overrides)
     return cfg, unet_params_from_state_dict(read_weights(d, variant), cfg)
 
 
 def load_vae(path: str | os.PathLike, *, variant: str | None = None, **overrides) -> tuple[AutoencoderConfig, dict]:
     """A diffusers AutoencoderKL folder (or an SD pipeline folder) -> (AutoencoderConfig, params)."""
-    d = _model_dir(path, "vae")
+    d = model_dir(path, "vae")
     cfg = vae_config_from_diffusers(_read_config(d)).replace(**overrides)
     return cfg, vae_params_from_state_dict(read_weights(d, variant), cfg)
 

@@ -16,6 +16,7 @@ from ldm_jax.images import make_grid
 from ldm_jax.ldm import LatentDiffusion, build
 from ldm_jax.ldm.loading import lora_adapter
 from ldm_jax.ldm.workdirs import restore_params
+from ldm_jax.models.weights import flatten
 from ldm_jax.training import run
 from ldm_jax.training.writers import read_metrics
 from ldm_jax.types import ConfigError
@@ -60,10 +61,10 @@ def test_lora_run_trains_only_the_adapter_and_samples_through_the_one_path(base_
     losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
     assert len(losses) == 1 and np.all(np.isfinite(losses))
     saved = restore_params(workdir, ema=False)
-    leaves = {"/".join(map(str, k)): v for k, v in _items(saved)}
+    leaves = flatten(saved)
     assert leaves and all(k.endswith(("/down", "/up")) for k in leaves)  # only adapter factors are trained
     base_params = restore_params(base_dir)
-    n_adapter, n_base = sum(v.size for v in leaves.values()), sum(v.size for _, v in _items(base_params))
+    n_adapter, n_base = sum(v.size for v in leaves.values()), sum(v.size for v in flatten(base_params).values())
     assert n_adapter < 0.1 * n_base
     ranks = {v.shape[-1] if k.endswith("/down") else v.shape[-2 if v.ndim == 4 else 0] for k, v in leaves.items()}
     assert ranks == {2}  # down (in, r) / (kh, kw, in, r), up (r, out) / (1, 1, r, out)
@@ -96,11 +97,3 @@ def test_lora_needs_a_base_network(tmp_path):
     c.lora.dropout = 0.1
     with pytest.raises(ConfigError, match="lora.dropout=0.1"):
         run(c, str(tmp_path / "w"))
-
-
-def _items(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _items(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v

@@ -169,7 +169,8 @@ def check_overrides(argv: list[str]) -> None:
 
 
 # Keys base_config gained after runs were saved without them; such a run trained with base_config's value.
-ADDED_KEYS = ("model.backbone", "model.dit", "model.mmdit", "diffusion.network_input", "lora")
+ADDED_KEYS = ("model.backbone", "model.dit", "model.mmdit", "diffusion.network_input", "lora",
+              "model.text_encoder.path_2")
 
 
 def with_added_keys(saved: dict) -> dict:
@@ -209,7 +210,7 @@ def base_config() -> ml_collections.ConfigDict:
         dit=dict(preset="tiny", pretrained=""),
         mmdit=dict(preset="tiny", pretrained=""),
         vae=dict(preset="tiny", pretrained="", workdir=""),
-        text_encoder=dict(name="minilm", path="", max_length=16, hidden_layer=0),
+        text_encoder=dict(name="minilm", path="", path_2="", max_length=16, hidden_layer=0),
     )
     # perceptual_weight > 0 adds LPIPS-VGG from local files: lpips_vgg (torchvision vgg16 state dict) and
     # lpips_lin (the lpips package's weights/v0.1/vgg.pth).

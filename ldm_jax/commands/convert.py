@@ -1,9 +1,11 @@
-"""ldm-jax convert --src=PATH --dst=DIR [--kind=auto|sd15|sd21] [--prediction=epsilon|v_prediction]
+"""ldm-jax convert --src=PATH --dst=DIR [--kind=auto|sd15|sd21|sdxl] [--prediction=epsilon|v_prediction]
 
 Writes a diffusers-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json) that
 ldm_jax's `LatentDiffusion.from_pretrained` and ``ldm-jax sample --model=DIR`` load, and diffusers /
 transformers load where the architecture is one of theirs, from:
-  * an original (CompVis) single-file SD checkpoint (.safetensors or .ckpt);
+  * an original (CompVis / Stability) single-file SD 1.x / 2.x or SDXL checkpoint (.safetensors or .ckpt): SDXL
+    base files give StableDiffusionXLPipeline folders (text_encoder/ + text_encoder_2/, tokenizer/ +
+    tokenizer_2/, SDXL's Euler scheduler), refiner files StableDiffusionXLImg2ImgPipeline ones;
   * an ldm_jax stage-2 (ldm) workdir: the whole model (``ldm_jax.convert.pipeline_folder``): the U-Net (EMA
     weights), its frozen VAE, the text encoder (CLIPTextModel or BertModel, e.g. MiniLM) and its tokenizer, the
     noise schedule (diffusers' fields where diffusers has it, always ldm_jax's exact description) and the run's
@@ -24,7 +26,7 @@ from ldm_jax.commands._app import fail, start
 
 _SRC = flags.DEFINE_string("src", None, "A single-file SD checkpoint or an ldm_jax workdir.")
 _DST = flags.DEFINE_string("dst", None, "Output folder (diffusers layout); must not exist, or be empty.")
-_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "sd15", "sd21"], "Single-file checkpoint family.")
+_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "sd15", "sd21", "sdxl"], "Single-file checkpoint family.")
 _PREDICTION = flags.DEFINE_enum("prediction", None, ["epsilon", "v_prediction"],
                                 "Scheduler prediction type (default: epsilon for SD 1.x, v_prediction for SD 2.x).")
 _EMA = flags.DEFINE_bool("use_ema", False, "Single file: take the U-Net's EMA weights (model_ema.*).")
@@ -35,6 +37,12 @@ def scheduler_config(prediction: str) -> dict:
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
             "prediction_type": prediction, "timestep_spacing": "leading"}
+
+
+def sdxl_scheduler_config() -> dict:
+    """SDXL's Euler settings (SD's table, leading spacing, offset 1, eps)."""
+    return {**scheduler_config("epsilon"), "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+            "use_karras_sigmas": False}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -57,17 +65,33 @@ def from_single_file(src: str, dst: str, kind: str, prediction: str | None, use_
     if "vae" in parts:
         dconv.save_vae(os.path.join(dst, "vae"), *parts["vae"])
         written.append("vae")
-    if "text_encoder" in parts:
-        hf.save_clip_text(os.path.join(dst, "text_encoder"), *parts["text_encoder"])
-        CLIPTokenizer.default(pad_token="<|endoftext|>" if kind == "sd15" else "!").save(os.path.join(dst, "tokenizer"))
-        written += ["text_encoder", "tokenizer"]
-    prediction = prediction or ("epsilon" if kind == "sd15" else "v_prediction")
-    _write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler_config(prediction))
-    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"]}
+    for part, suffix in (("text_encoder", ""), ("text_encoder_2", "_2")):
+        if part in parts:  # CLIP-L pads with its EOS token (SD 1.x, SDXL), OpenCLIP encoders with "!"
+            hf.save_clip_text(os.path.join(dst, part), *parts[part])
+            eos = kind == "sd15" or (kind == "sdxl" and part == "text_encoder")
+            tokenizer = CLIPTokenizer.default(pad_token="<|endoftext|>" if eos else "!")
+            tokenizer.save(os.path.join(dst, "tokenizer" + suffix))
+            written += [part, "tokenizer" + suffix]
     names = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    if kind == "sdxl":
+        if prediction not in (None, "epsilon"):
+            raise ValueError(f"--prediction={prediction}: SDXL checkpoints predict epsilon")
+        _write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), sdxl_scheduler_config())
+        refiner = "text_encoder" not in parts
+        index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+                 "scheduler": ["diffusers", "EulerDiscreteScheduler"], "force_zeros_for_empty_prompt": not refiner,
+                 "image_encoder": [None, None], "feature_extractor": [None, None]}
+        if refiner:
+            index.update(requires_aesthetics_score=True, text_encoder=[None, None], tokenizer=[None, None])
+    else:
+        prediction = prediction or ("epsilon" if kind == "sd15" else "v_prediction")
+        _write_json(os.path.join(dst, "scheduler", "scheduler_config.json"), scheduler_config(prediction))
+        index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     index.update({k: names[k] for k in written})
-    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     _write_json(os.path.join(dst, "model_index.json"), index)
     return [*written, "scheduler"]
 
@@ -145,6 +169,8 @@ def main(argv):
     if os.path.isdir(src) and not os.path.isdir(os.path.join(src, "checkpoints")):
         fail(f"--src='{src}' is a folder without checkpoints/: give an ldm_jax workdir or a checkpoint file")
     check_dst(dst)
+    if _KIND.value == "sdxl" and _PREDICTION.value not in (None, "epsilon"):
+        fail(f"--prediction={_PREDICTION.value}: SDXL checkpoints predict epsilon; drop --prediction")
 
     def write(folder: str) -> list[str]:
         if os.path.isdir(src):

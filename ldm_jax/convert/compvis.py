@@ -433,8 +433,7 @@ def load_single_file(
 
     `kind`: "sd15" (SD 1.x: CLIP-L text encoder, 8 heads), "sd21" (SD 2.x: OpenCLIP-H, 64-wide heads),
     "sdxl" (SDXL base or refiner: text_time U-Net, CLIP-L as "text_encoder" (base only) and OpenCLIP-bigG
-    with its projection as "text_encoder_2", VAE scaling factor 0.13025) or "auto" (detected from the keys;
-    an SDXL file must be asked for with kind="sdxl", since callers of "auto" build SD 1.x/2.x pipelines).
+    with its projection as "text_encoder_2", VAE scaling factor 0.13025) or "auto" (detected from the keys).
     Configs are inferred from shapes unless given; a mapping updates the inferred config (e.g.
     ``{"norm_num_groups": 16}``); `text_config_2` is for "text_encoder_2". Parts absent from the file are
     absent from the result. `use_ema`: take the U-Net's 'model_ema.' weights. Keys outside the parts
@@ -445,9 +444,6 @@ def load_single_file(
     sd = read_checkpoint(path)
     if kind == "auto":
         kind = detect_kind(sd)
-        if kind == "sdxl":
-            raise ConfigError(f"'{path}' is an SDXL checkpoint: load it with kind='sdxl' (SD 1.x/2.x pipelines "
-                              "cannot run it)")
     if use_ema:
         sd = _ema_weights(sd)
     out: dict[str, Any] = {"kind": kind}

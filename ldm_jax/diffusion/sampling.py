@@ -27,7 +27,10 @@ level instead (`eps_from_noise`). A uniform grid on a schedule it cannot resolve
 `Schedule.uniform_grid_problem`) is refused.
 
 img2img (`init`, `strength`): as diffusers, the last int(N * strength) steps of the N-step grid are run,
-starting from x = alpha init + sigma noise at the first of them. Inpainting (`mask`, `known`): after every
+starting from x = alpha init + sigma noise at the first of them. Handoffs (SDXL's base -> refiner,
+diffusers' denoising_end / denoising_start): ``stop_step=k`` runs steps 0 .. k-1 only and returns the state x
+at grid point k (VP scale, not yet denoised); ``start_step=k`` with ``init=`` that state runs steps k .. N-1
+from it as it is (no noise added). Inpainting (`mask`, `known`): after every
 step, x = mask x + (1 - mask) (alpha_next known + sigma_next noise) with the initial `noise`, so the known
 region (mask = 0) follows the forward process, and after the last step it is exactly `known` (as in
 diffusers' legacy inpainting loop). Both work with every sampler.
@@ -68,6 +71,8 @@ class _LoopConfig:
     num_steps: int
     first: int
     opts: samplers_lib.Options
+    stop: int  # steps first .. stop - 1 run (stop < num_steps: a handoff, `stop_step`)
+    noise_init: bool = True  # img2img: init is noised to the first step's level (False: init is that state)
 
 
 def _grid(schedule, cfg: _GridConfig) -> Grid:
@@ -178,9 +183,11 @@ def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConf
         return alpha_sigma_from_logsnr(grid.logsnr[i])
 
     x = noise
-    if init is not None:
+    if init is not None and cfg.noise_init:
         alpha, sigma = at(cfg.first)
         x = alpha * init + sigma * noise
+    elif init is not None:
+        x = init
 
     def body(carry, i):
         x, state = carry
@@ -194,7 +201,7 @@ def _run(dynamic, static, grid, noise, rng, init, mask, known, *, cfg: _LoopConf
         return (x, state), None
 
     carry = (x, spec.init_state(x))
-    (x, _), _ = jax.lax.scan(body, carry, jnp.arange(cfg.first, cfg.num_steps))
+    (x, _), _ = jax.lax.scan(body, carry, jnp.arange(cfg.first, cfg.stop))
     return x
 
 
@@ -272,6 +279,8 @@ def sample(
     strength: float = 1.0,
     mask: Array | None = None,
     known: Array | None = None,
+    start_step: int | None = None,
+    stop_step: int | None = None,
 ) -> Array:
     """Runs `sampler` for `num_steps` steps from `noise` (x at the first grid time, VP scale) to x0.
 
@@ -290,6 +299,9 @@ def sample(
       churn, s_tmin, s_tmax, s_noise: EDM's S_churn etc. for heun and euler (Karras et al. 2022, Alg. 2).
       variance: ddpm's "small" (posterior) or "large" (beta_t) variance.
       init, strength: img2img; mask, known: inpainting (mask = 1 where new content is generated).
+      start_step: with `init`, the state at grid point `start_step` (VP scale) the loop continues from as it
+        is (strength is then unused); stop_step: stop after step stop_step - 1 and return the state at grid
+        point stop_step (the module doc's handoffs).
     """
     spec = samplers_lib.sampler_spec(sampler)
     _check_options(prediction, spacing, final, num_steps, strength, variance, schedule)
@@ -303,8 +315,14 @@ def sample(
         raise ConfigError(f"sampler '{sampler}' draws noise: pass rng=jax.random.key(seed)")
     noise, init, mask, known = _prepare_arrays(noise, init, mask, known)
     first = 0 if init is None else num_steps - min(int(num_steps * strength), num_steps)
-    if first >= num_steps:
-        raise ConfigError(f"strength={strength} leaves no step to run with num_steps={num_steps}")
+    if start_step is not None:
+        if init is None:
+            raise ConfigError("start_step continues from a state: pass it as init=")
+        first = int(start_step)
+    stop = num_steps if stop_step is None else int(stop_step)
+    if not 0 <= first < stop <= num_steps:
+        raise ConfigError(f"no step to run: steps {first} .. {stop - 1} of num_steps={num_steps} (strength="
+                          f"{strength}, start_step={start_step}, stop_step={stop_step})")
     opts = samplers_lib.Options(
         eta,
         float(churn),
@@ -329,5 +347,5 @@ def sample(
     )
     _check_single_step_from_noise(grid, prediction, first, num_steps)
     dynamic, static = partition((denoise_fn, schedule))
-    cfg = _LoopConfig(sampler, prediction, num_steps, first, opts)
+    cfg = _LoopConfig(sampler, prediction, num_steps, first, opts, stop, start_step is None)
     return _run(dynamic, static, grid, noise, rng if stochastic else None, init, mask, known, cfg=cfg)

@@ -11,6 +11,7 @@ both read a config through these functions, so a workdir is interpreted the way 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from ldm_jax.convert import sd3 as sd3_convert
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models import backbones, lora, presets
-from ldm_jax.models.text_encoder import TextEncoder
+from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
 from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
@@ -33,7 +34,7 @@ DIT_PRESETS = {"tiny": presets.tiny_dit, "xl_2": presets.dit_xl_2}
 MMDIT_PRESETS = {"tiny": presets.tiny_mmdit, "sd3_medium": presets.sd3_medium, "sd35_medium": presets.sd35_medium}
 BACKBONE_PRESETS = {"unet": UNET_PRESETS, "dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS}
 VAE_PRESETS = {"tiny": presets.tiny_vae, "sd": presets.sd_vae}
-TEXT_ENCODERS = ("minilm", "clip")
+TEXT_ENCODERS = ("minilm", "clip", "sdxl")
 PRECONDITIONS = ("none", "edm")
 NETWORK_INPUTS = ("vp", "flow")  # see ldm.generate.Denoiser
 
@@ -70,16 +71,22 @@ def backbone_section(model_sec) -> dict:
     return section(section(model_sec).get(backbone(model_sec)))
 
 
-def backbone_config(model_sec, *, context_dim: int, latent_channels: int, **options):
-    """The denoiser config of a ``model`` section: its preset, fitted to the text encoder's width and the VAE's
-    channels, with `options` (compute dtype, remat); the section's own values win over all of these."""
+def backbone_config(model_sec, *, context_dim: int, latent_channels: int, pooled_dim: int | None = None, **options):
+    """The denoiser config of a ``model`` section: its preset, fitted to the text encoder's width (and, for an
+    SDXL text_time U-Net, its pooled width) and the VAE's channels, with `options` (compute dtype, remat); the
+    section's own values win over all of these."""
     name = backbone(model_sec)
     fit = {"in_channels": latent_channels, "out_channels": latent_channels}
     if name == "mmdit":
         fit.update(joint_attention_dim=context_dim, pooled_projection_dim=context_dim)
     else:
         fit.update(cross_attention_dim=context_dim)
-    return _preset(BACKBONE_PRESETS[name], backbone_section(model_sec), name, **{**fit, **options})
+    cfg = _preset(BACKBONE_PRESETS[name], backbone_section(model_sec), name, **{**fit, **options})
+    added = getattr(cfg, "addition_embed_type", None) == "text_time"
+    if added and pooled_dim and "projection_class_embeddings_input_dim" not in backbone_section(model_sec):
+        # SDXL's added embedding fitted to the text encoder's pooled width and the base's 6 time ids
+        cfg = cfg.replace(projection_class_embeddings_input_dim=pooled_dim + 6 * cfg.addition_time_embed_dim)
+    return cfg
 
 
 def pretrained_backbone(model_sec, **fit):
@@ -165,28 +172,47 @@ def frozen_vae(sec):
 class TextEncoderConfig(FrozenConfig):
     """Typed ``model.text_encoder`` section.
 
-    name: minilm (all-MiniLM-L6-v2 from its package, `max_length` tokens) or clip (an HF CLIPTextModel folder at
-    `path`, its tokenizer's length, conditioning from `hidden_layer` when > 0, e.g. -2 ... as CLIPTextEncoder).
+    name: minilm (all-MiniLM-L6-v2 from its package, `max_length` tokens), clip (an HF CLIPTextModel folder at
+    `path`, its tokenizer's length, conditioning from `hidden_layer` when > 0, e.g. -2 ... as CLIPTextEncoder)
+    or sdxl (SDXL's pair: the CLIP-L folder at `path` and the OpenCLIP-bigG CLIPTextModelWithProjection folder
+    at `path_2`, e.g. an SDXL pipeline's text_encoder/ and text_encoder_2/ (tokenizers from their sibling
+    tokenizer/ and tokenizer_2/ folders when present), both on their penultimate layer without the final norm,
+    the pooled vector from the second; `ldm_jax.models.TextEncoders`).
     """
 
     name: str = "minilm"
     path: str = ""
+    path_2: str = ""
     max_length: int = 16
     hidden_layer: int = 0
 
     def __post_init__(self):
         check_choice("model.text_encoder.name", self.name, TEXT_ENCODERS)
-        if self.name == "clip" and not self.path:
-            raise ConfigError("model.text_encoder.name='clip' needs model.text_encoder.path (an HF CLIP folder)")
+        if self.name in ("clip", "sdxl") and not self.path:
+            raise ConfigError(f"model.text_encoder.name='{self.name}' needs model.text_encoder.path (an HF CLIP "
+                              "folder)")
+        if self.name == "sdxl" and not self.path_2:
+            raise ConfigError("model.text_encoder.name='sdxl' needs model.text_encoder.path_2 (the OpenCLIP-bigG "
+                              "CLIPTextModelWithProjection folder, an SDXL pipeline's text_encoder_2/)")
         if self.max_length < 1:
             raise ConfigError(f"model.text_encoder.max_length must be >= 1, got {self.max_length}")
 
 
-def text_encoder(sec) -> TextEncoder:
+def text_encoder(sec) -> TextEncoder | TextEncoders:
     cfg = TextEncoderConfig.from_config(section(sec))
     if cfg.name == "minilm":
         return TextEncoder.minilm(max_length=cfg.max_length)
+    if cfg.name == "sdxl":  # SDXL's conditioning: penultimate layers without the final norm
+        return TextEncoders(tuple(TextEncoder.from_hf_clip(path, _sibling_tokenizer(path, suffix), hidden_layer=-2,
+                                                           final_norm=False)
+                                  for path, suffix in ((cfg.path, ""), (cfg.path_2, "_2"))))
     return TextEncoder.from_hf_clip(cfg.path, hidden_layer=cfg.hidden_layer or None)
+
+
+def _sibling_tokenizer(path: str, suffix: str) -> str | None:
+    """An SDXL pipeline folder's tokenizer{suffix}/ beside text_encoder{suffix}/ (None: TextEncoder's search)."""
+    folder = os.path.join(os.path.dirname(os.path.normpath(path)), "tokenizer" + suffix)
+    return folder if os.path.isdir(folder) else None
 
 
 @dataclasses.dataclass(frozen=True)

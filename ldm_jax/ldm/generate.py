@@ -108,6 +108,10 @@ class Options:
     guidance_interval: tuple | None
     eta: float | None
     extra: tuple  # sorted (name, value) pairs passed on to diffusion.sample
+    output: str = "images"  # or "latents": the final (or handed-off) latents, VP scale, not decoded
+    start_step: int | None = None  # denoising_start: continue from given latents at this grid point
+    stop_step: int | None = None  # denoising_end: stop at this grid point
+    zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: zero negative text when none is given
 
     @property
     def stochastic(self) -> bool:
@@ -127,8 +131,10 @@ class Denoiser:
                             timestep 1000 tau, tau = sigma / (alpha + sigma) the flow time of the noise level
                             (SD3's convention, whatever shift the schedule has);
       precondition="edm":   EDM's scaled input and c_noise (``diffusion.edm_precondition``; the output is x0).
-    `context` is the text encoder's hidden states, or ``{"text": hidden, "concat": extra}`` whose `extra`
-    channels (mask, masked-image latents) are appended to the network's input. The output is float32.
+    `context` is the text encoder's hidden states, or a dict ``{"text": hidden}`` with optional entries
+    "concat" (channels appended to the network's input: an inpainting U-Net's mask and masked-image latents)
+    and "added" (the U-Net's ``added`` argument: SDXL's pooled text and micro-conditioning). The output is
+    float32.
     """
 
     params: PyTree
@@ -139,10 +145,14 @@ class Denoiser:
     network_input: str = dataclasses.field(default="vp", metadata=dict(static=True))
 
     def _network(self, x: Array, timesteps: Array, context: PyTree) -> Array:
+        kwargs = {}
         if isinstance(context, dict):
-            x = jnp.concatenate([x, context["concat"].astype(x.dtype)], axis=-1)
+            if "concat" in context:
+                x = jnp.concatenate([x, context["concat"].astype(x.dtype)], axis=-1)
+            if "added" in context:
+                kwargs["added"] = context["added"]
             context = context["text"]
-        return self.module.apply({"params": self.params}, x, timesteps, context).astype(jnp.float32)
+        return self.module.apply({"params": self.params}, x, timesteps, context, **kwargs).astype(jnp.float32)
 
     def __call__(self, x: Array, t: Array, context: PyTree) -> Array:
         if self.precondition == "edm":
@@ -172,7 +182,7 @@ def _sample(opts: Options, params: PyTree, denoiser, noise, rng, ctx, uctx, scal
         fn, noise, schedule=params["schedule"], prediction=opts.prediction, sampler=opts.sampler,
         num_steps=opts.num_steps, rng=rng, spacing=opts.spacing, final=opts.final, eta=opts.eta,
         steps_offset=opts.steps_offset, init=init, strength=opts.strength if init is not None else 1.0,
-        mask=mask, known=known, **dict(opts.extra),
+        mask=mask, known=known, start_step=opts.start_step, stop_step=opts.stop_step, **dict(opts.extra),
     )
 
 
@@ -197,6 +207,8 @@ def _image_conditioning(model, opts: Options, vae, vae_params, batch: dict):
     init: latents img2img starts from; mask, known: latent blending; extra: the [mask, masked-image latents]
     channels of an inpainting U-Net. Images that are needed together go through the encoder as one batch.
     """
+    if "latents" in batch:  # img2img from latents (a handoff's, or the caller's): no encoder pass
+        return batch["latents"], None, None, None
     if "image" not in batch:
         return None, None, None, None
     image = batch["image"]
@@ -218,27 +230,54 @@ def _image_conditioning(model, opts: Options, vae, vae_params, batch: dict):
     return known, None, None, jnp.concatenate([m_lat, masked], axis=-1)
 
 
+def _text_conditioning(model, opts: Options, params: PyTree, batch: dict) -> tuple[dict, dict | None]:
+    """The denoiser's contexts ``{"text": hidden[, "added": ...]}`` for the prompts and (guided) the negatives.
+
+    Prompts and negative prompts go through the text encoder in one pass. A U-Net with SDXL's added
+    conditioning also gets the pooled text and the micro-conditioning numbers (``batch["time_ids"]``,
+    ``batch["uncond_time_ids"]``); with `Options.zero_uncond` the negative text and pooled vector are zeros
+    (diffusers' force_zeros_for_empty_prompt).
+    """
+    te = model.text_encoder
+    ids, attn = batch["ids"], batch["attn"]
+    if opts.guided:
+        ids, attn = jnp.concatenate([ids, batch["uncond_ids"]]), jnp.concatenate([attn, batch["uncond_attn"]])
+    if model.num_time_ids:
+        hidden, pooled = te.encode_pooled_ids(params, ids, attn)
+        conds = [{"text": h, "added": {"text_embeds": p}} for h, p in
+                 zip(jnp.split(hidden, 2), jnp.split(pooled, 2), strict=True)] if opts.guided else \
+            [{"text": hidden, "added": {"text_embeds": pooled}}]
+        for cond, key in zip(conds, ("time_ids", "uncond_time_ids"), strict=False):
+            cond["added"]["time_ids"] = batch[key]
+    else:
+        hidden = te.encode_ids(params, ids, attn)
+        conds = [{"text": h} for h in (jnp.split(hidden, 2) if opts.guided else [hidden])]
+    if opts.guided and opts.zero_uncond:
+        u = conds[1]
+        zeroed = {"text": jnp.zeros_like(u["text"])}
+        if "added" in u:
+            zeroed["added"] = {**u["added"], "text_embeds": jnp.zeros_like(u["added"]["text_embeds"])}
+        conds[1] = zeroed
+    return conds[0], (conds[1] if opts.guided else None)
+
+
 def micro_batch_images(model, opts: Options, params: PyTree, batch: dict, scale) -> jax.Array:
     """The traced body for one micro-batch: tokens, seeds and noise (+ images, masks) -> uint8 images
     (m, H, W, 3)."""
     unet, vae = model.unet, model.vae
-    te = model.text_encoder
-    if opts.guided:  # prompts and negative prompts in one pass of the text encoder
-        both = te.encode_ids(params["text"], jnp.concatenate([batch["ids"], batch["uncond_ids"]]),
-                             jnp.concatenate([batch["attn"], batch["uncond_attn"]]))
-        ctx, uctx = jnp.split(both, 2)
-    else:
-        ctx, uctx = te.encode_ids(params["text"], batch["ids"], batch["attn"]), None
+    ctx, uctx = _text_conditioning(model, opts, params["text"], batch)
     init, mask, known, extra = _image_conditioning(model, opts, vae, params["vae"], batch)
     if extra is not None:
-        ctx = {"text": ctx, "concat": extra}
-        uctx = None if uctx is None else {"text": uctx, "concat": extra}
+        ctx = {**ctx, "concat": extra}
+        uctx = None if uctx is None else {**uctx, "concat": extra}
     denoiser = Denoiser(params["unet"], params["schedule"], unet, model.precondition, model.sigma_data,
                         model.network_input)
     keys = jax.vmap(jax.random.key)(batch["seeds"])
     x0 = _sample_batch(opts, params, denoiser, batch["noise"], keys, ctx, uctx, scale, init, mask, known)
     if mask is not None:  # the kept region is exactly the input's latents at the end (as diffusers' last step)
         x0 = mask * x0 + (1.0 - mask) * known
+    if opts.output == "latents":
+        return x0.astype(jnp.float32)
     decoded = vae.apply({"params": params["vae"]}, x0, method=AutoencoderKL.decode_latents)
     return imlib.to_uint8(decoded.astype(jnp.float32))
 
@@ -300,7 +339,8 @@ def _per_image(arr: np.ndarray | None, num_prompts: int, per_prompt: int, what: 
 
 def make_options(model, *, task: str, sampler: str, num_steps: int, spacing, eta, strength: float,
                  guidance_scale: float, guidance_rescale: float, final, sampler_options: dict,
-                 guidance_interval=None) -> Options:
+                 guidance_interval=None, output: str = "images", denoising_start: float | None = None,
+                 denoising_end: float | None = None, zero_uncond: bool = False) -> Options:
     """Checks the sampling settings (one-line ConfigError) and fills the model's defaults."""
     spec = diffusion.sampler_spec(sampler)
     d = model.defaults
@@ -326,13 +366,48 @@ def make_options(model, *, task: str, sampler: str, num_steps: int, spacing, eta
         raise ConfigError(f"unknown sampler option '{unknown[0]}'{nearest(unknown[0], allowed)}")
     diffusion.samplers.check_sampler_options(sampler, eta=eta, **{k: v for k, v in sampler_options.items()
                                                                   if k in diffusion.SAMPLER_OPTIONS})
-    return Options(
+    check_choice("output", output, ("images", "latents"))
+    opts = Options(
         task=task, sampler=sampler, num_steps=int(num_steps), spacing=spacing,
         final=final or d.final_for(spec.name), steps_offset=d.steps_offset, prediction=model.prediction,
         strength=float(strength), guided=float(guidance_scale) > 1.0, guidance_rescale=float(guidance_rescale),
         guidance_interval=None if guidance_interval is None else tuple(float(v) for v in guidance_interval),
-        eta=None if eta is None else float(eta), extra=tuple(sorted(sampler_options.items())),
+        eta=None if eta is None else float(eta), extra=tuple(sorted(sampler_options.items())), output=output,
+        zero_uncond=bool(zero_uncond),
     )
+    return _with_handoff(model, opts, denoising_start, denoising_end)
+
+
+def handoff_step(model, opts: Options, fraction: float) -> int:
+    """The grid point where a handoff at `fraction` of the denoising happens (diffusers' denoising_end /
+    denoising_start): the number of steps whose timestep is >= round(T (1 - fraction)), T the schedule's
+    training timesteps (1000 for continuous schedules, whose timestep is 1000 t). The base model runs those
+    steps, the refiner the rest, whatever the sampler."""
+    grid_options = {k: v for k, v in opts.extra if k in _GRID_KEYWORDS}
+    grid = diffusion.sampling_grid(model.schedule, sampler=opts.sampler, num_steps=opts.num_steps,
+                                   prediction=opts.prediction, spacing=opts.spacing, final=opts.final,
+                                   steps_offset=opts.steps_offset, **grid_options)
+    timesteps = np.asarray(model.schedule.timestep(np.asarray(grid.t[:opts.num_steps])), np.float64)
+    total = model.schedule.num_train_timesteps or CONTINUOUS_TIMESTEP_SCALE
+    cutoff = round(total - fraction * total)
+    return int(np.sum(timesteps >= cutoff - 1e-3))
+
+
+def _with_handoff(model, opts: Options, start: float | None, end: float | None) -> Options:
+    for name, value in (("denoising_start", start), ("denoising_end", end)):
+        if value is not None and not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+            raise ConfigError(f"{name} must be a fraction in (0, 1), got {value!r}")
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"denoising_start={start} must be below denoising_end={end}")
+    start_step = None if start is None else handoff_step(model, opts, start)
+    stop_step = None if end is None else handoff_step(model, opts, end)
+    if stop_step is not None and stop_step < 1:
+        raise ConfigError(f"denoising_end={end} with num_steps={opts.num_steps} stops before the first step; raise "
+                          "denoising_end or num_steps")
+    if start_step is not None and start_step >= (stop_step or opts.num_steps):
+        raise ConfigError(f"denoising_start={start} with num_steps={opts.num_steps} leaves no step to run; lower "
+                          "denoising_start or raise num_steps")
+    return dataclasses.replace(opts, start_step=start_step, stop_step=stop_step)
 
 
 def _compiled(model, opts: Options, micro: int, mesh: Mesh, params, batch: dict, scale):
@@ -376,15 +451,71 @@ def _placed(model, params: PyTree, mesh: Mesh) -> PyTree:
     return placed
 
 
-def host_inputs(model, prompts, negatives, n: int, seed: int, guided: bool) -> dict:
+def host_inputs(model, prompts, negatives, n: int, seed: int, guided: bool, time_ids=None) -> dict:
+    """Tokens and seeds per image (+ the micro-conditioning rows (positive, negative) of `time_ids`)."""
     te = model.text_encoder
     ids, attn = te.tokenize(prompts)
+    total = len(prompts) * n
     inputs = {"ids": np.repeat(ids, n, 0), "attn": np.repeat(attn, n, 0),
-              "seeds": (seed + np.arange(len(prompts) * n)).astype(np.uint32)}
+              "seeds": (seed + np.arange(total)).astype(np.uint32)}
     if guided:
         uids, uattn = te.tokenize(negatives)
         inputs.update(uncond_ids=np.repeat(uids, n, 0), uncond_attn=np.repeat(uattn, n, 0))
+    if time_ids is not None:
+        inputs["time_ids"] = np.repeat(time_ids[0][None], total, 0)
+        if guided:
+            inputs["uncond_time_ids"] = np.repeat(time_ids[1][None], total, 0)
     return inputs
+
+
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                      "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                      "negative_aesthetic_score")
+
+
+def time_ids(model, height: int, width: int, micro: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """SDXL's micro-conditioning rows (positive, negative), float32, or None for a model without them.
+
+    Base (6 numbers): original (h, w), crop top-left (top, left), target (h, w); the refiner (5): original size,
+    crop, aesthetic score. Defaults as diffusers: original and target size = the output size, crop (0, 0),
+    aesthetic score 6 (negative 2.5); each negative_* defaults to its positive value.
+    """
+    given = {k: v for k, v in micro.items() if v is not None}
+    unknown = [k for k in given if k not in MICRO_CONDITIONING]
+    if unknown:
+        raise ConfigError(f"unknown micro-conditioning '{unknown[0]}'{nearest(unknown[0], MICRO_CONDITIONING)}")
+    num = model.num_time_ids
+    if not num:
+        if given:
+            raise ConfigError(f"{next(iter(given))}: this model takes no micro-conditioning (an SDXL U-Net does)")
+        return None
+    pairs = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width)}
+    for key, default in list(pairs.items()):
+        pairs[key] = _number_pair(key, given.get(key, default))
+        pairs["negative_" + key] = _number_pair("negative_" + key, given.get("negative_" + key, pairs[key]))
+    if num == 5 and ("target_size" in given or "negative_target_size" in given):
+        raise ConfigError("target_size: a refiner-style U-Net (5 time ids) takes an aesthetic score instead")
+    if num == 6 and ("aesthetic_score" in given or "negative_aesthetic_score" in given):
+        raise ConfigError("aesthetic_score: only a refiner-style U-Net (5 time ids) takes one")
+    score = float(given.get("aesthetic_score", 6.0))
+    neg_score = float(given.get("negative_aesthetic_score", 2.5))
+    if num == 6:
+        rows = [pairs[p + "original_size"] + pairs[p + "crops_coords_top_left"] + pairs[p + "target_size"]
+                for p in ("", "negative_")]
+    else:
+        rows = [pairs[p + "original_size"] + pairs[p + "crops_coords_top_left"] + (s,)
+                for p, s in (("", score), ("negative_", neg_score))]
+    return np.asarray(rows[0], np.float32), np.asarray(rows[1], np.float32)
+
+
+def _number_pair(name: str, value) -> tuple[float, float]:
+    try:
+        pair = tuple(float(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair):
+        raise ConfigError(f"{name} must be a pair of numbers (height, width) / (top, left), got {value!r}")
+    return pair
 
 
 def _check_size(model, height: int, width: int) -> None:
@@ -395,9 +526,10 @@ def _check_size(model, height: int, width: int) -> None:
                               f"another {name}")
 
 
-def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None, mask=None,
+def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None, mask=None, latents=None,
         num_images_per_prompt: int = 1, height=None, width=None, seed: int = 0, noise=None, batch_size=None,
-        micro_batch: int = 1, devices=None, params: PyTree, progress: bool = False, **settings) -> np.ndarray:
+        micro_batch: int = 1, devices=None, params: PyTree, progress: bool = False, micro: dict | None = None,
+        **settings) -> np.ndarray:
     """``LatentDiffusion.generate`` (see there): checks everything, then runs the batches."""
     prompts = _as_prompt_list(prompts)
     negatives = _per_prompt(negative_prompt, len(prompts), "negative_prompt")
@@ -406,7 +538,19 @@ def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None,
         raise ConfigError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
     if not isinstance(micro_batch, (int, np.integer)) or micro_batch < 1:
         raise ConfigError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
-    opts = make_options(model, task=task, **settings)
+    if latents is not None and (image is not None or mask is not None):
+        raise ConfigError("pass latents= or image= (and mask=), not both")
+    if settings.get("denoising_start") is not None and latents is None:
+        raise ConfigError("denoising_start continues a handoff: pass the latents an earlier generate(..., "
+                          "denoising_end=..., output='latents') returned as latents=")
+    zero_uncond = model.force_zeros_for_empty_prompt and negative_prompt is None
+    opts = make_options(model, task=task, zero_uncond=zero_uncond, **settings)
+    if latents is not None:
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim != 4 or latents.shape[-1] != model.latent_channels:
+            raise ConfigError(f"latents have shape {latents.shape}; pass (N, H/f, W/f, {model.latent_channels}) NHWC "
+                              "latents, as generate(..., output='latents') returns them")
+        height, width = (d * model.downsample_factor for d in latents.shape[1:3])
     if image is not None:
         image = imlib.as_image_batch(image)
         height, width = image.shape[1:3]
@@ -424,7 +568,7 @@ def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None,
     if not isinstance(seed, (int, np.integer)) or seed < 0 or seed + total > 2**32:
         raise ConfigError(f"seed must be an integer in [0, 2^32 - number of images), got {seed!r}")
     latent_shape = (height // model.downsample_factor, width // model.downsample_factor, model.latent_channels)
-    inputs = host_inputs(model, prompts, negatives, n, seed, opts.guided)
+    inputs = host_inputs(model, prompts, negatives, n, seed, opts.guided, time_ids(model, height, width, micro or {}))
     if noise is not None:  # else drawn per batch from the seeds (`seeded_noise`)
         noise = np.asarray(noise, np.float32)
         if noise.shape != (total, *latent_shape):
@@ -432,6 +576,8 @@ def run(model, prompts, negative_prompt=None, *, task: str = "text", image=None,
         inputs["noise"] = noise
     if image is not None:
         inputs["image"] = imlib.to_model_range(_per_image(image, len(prompts), n, "number of images"))
+    if latents is not None:
+        inputs["latents"] = _per_image(latents, len(prompts), n, "number of latents")
     if mask is not None:
         inputs["mask"] = _per_image(mask, len(prompts), n, "number of masks")
     return _run_batches(model, opts, inputs, total, batch_size, int(micro_batch), latent_shape, devices, params,

@@ -48,7 +48,7 @@ from ldm_jax.models import backbones, hf_text
 from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
-from ldm_jax.models.text_encoder import TextEncoder
+from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
 from ldm_jax.models.tokenizers import EOS, CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.types import ConfigError, _freeze
 
@@ -202,10 +202,12 @@ def _block(index: Mapping, key: str) -> dict:
 
 def _folder_text_encoder(te_dir: str, tok_dir: str, options: Mapping, dtype) -> TextEncoder:
     """text_encoder/ (CLIPTextModel, or BertModel by its model_type) with tokenizer/; `options` from
-    model_index.json (max_length, hidden_layer, use_attention_mask) win over the folders' own settings."""
+    model_index.json (max_length, hidden_layer, final_norm, use_attention_mask) win over the folders' own
+    settings."""
     tok = tok_dir if os.path.isdir(tok_dir) else None
     if (_read_json(os.path.join(te_dir, "config.json")) or {}).get("model_type") != "bert":
-        te = TextEncoder.from_hf_clip(te_dir, tok, hidden_layer=options.get("hidden_layer") or None, dtype=dtype)
+        te = TextEncoder.from_hf_clip(te_dir, tok, hidden_layer=options.get("hidden_layer") or None,
+                                      final_norm=bool(options.get("final_norm", True)), dtype=dtype)
         length = options.get("max_length")
         if length and length != te.max_length:
             te = dataclasses.replace(te, tokenizer=CLIPTokenizer(te.tokenizer.hf, length))
@@ -220,10 +222,16 @@ def _folder_text_encoder(te_dir: str, tok_dir: str, options: Mapping, dtype) -> 
                        use_attention_mask=bool(options.get("use_attention_mask", True)))
 
 
+# SDXL's text conditioning: each CLIP's penultimate layer, without the final layer norm
+SDXL_TEXT_OPTIONS = {"hidden_layer": -2, "final_norm": False}
+
+
 def diffusers_parts(path: str | os.PathLike, *, dtype=None, variant: str | None = None) -> dict:
-    """A diffusers StableDiffusionPipeline folder, or one ``ldm-jax convert`` wrote (see the module docstring)."""
+    """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder (SDXL: text_encoder/ and
+    text_encoder_2/ with tokenizer/ and tokenizer_2/; a refiner has text_encoder_2/ only), or one
+    ``ldm-jax convert`` wrote (see the module docstring)."""
     path = os.fspath(path)
-    unet_dir, vae_dir, te_dir = (_require(path, s) for s in SD_FOLDERS)
+    unet_dir, vae_dir = _require(path, "unet"), _require(path, "vae")
     sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     if sched is None:
         logger.warning("%s has no scheduler/scheduler_config.json; using SD's scaled_linear DDIM settings", path)
@@ -231,33 +239,56 @@ def diffusers_parts(path: str | os.PathLike, *, dtype=None, variant: str | None 
     index = _read_json(os.path.join(path, "model_index.json")) or {}
     unet_cfg, unet_params = dconv.load_unet(unet_dir, variant=variant, **_block(index, "unet"))
     vae_cfg, vae_params = dconv.load_vae(vae_dir, variant=variant, **_block(index, "vae"))
-    te = _folder_text_encoder(te_dir, os.path.join(path, "tokenizer"), _block(index, "text_encoder"),
-                              dtype or jnp.float32)
+    sdxl = getattr(unet_cfg, "addition_embed_type", None) == "text_time"
+    encoders = []
+    for suffix in ("", "_2"):
+        te_dir = os.path.join(path, "text_encoder" + suffix)
+        if not os.path.isfile(os.path.join(te_dir, "config.json")):
+            continue
+        options = {**(SDXL_TEXT_OPTIONS if sdxl else {}), **_block(index, "text_encoder" + suffix)}
+        encoders.append(_folder_text_encoder(te_dir, os.path.join(path, "tokenizer" + suffix), options,
+                                             dtype or jnp.float32))
+    if not encoders or (not sdxl and len(encoders) > 1):
+        _require(path, "text_encoder")  # the SD layout's message
+        raise ConfigError(f"'{path}' has two text encoders but its U-Net has no SDXL text_time embedding")
+    te = encoders[0] if len(encoders) == 1 else TextEncoders(tuple(encoders))
     extra = index.get(LDM_JAX) or {}
     sample = SampleConfig.from_config(extra["sample"]) if extra.get("sample") else None
     size = extra.get("default_size")
     return dict(unet_config=unet_cfg, unet_params=_device(unet_params), vae_config=vae_cfg,
                 vae_params=_device(vae_params), text_encoder=te, **scheduler_parts(sched), source=path, dtype=dtype,
-                default_size=int(size) if size else None, sample=sample)
+                default_size=int(size) if size else None, sample=sample,
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
 
 
 # ---------------------------------------------------------------------------- (b) single files
 def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction: str | None = None,
-                      use_ema: bool = False, dtype=None, unet_config=None, vae_config=None) -> dict:
-    """A CompVis/Stability single-file SD checkpoint (SD scheduler, OpenAI CLIP tokenizer).
+                      use_ema: bool = False, dtype=None, unet_config=None, vae_config=None, text_config=None,
+                      text_config_2=None) -> dict:
+    """A CompVis/Stability single-file SD checkpoint (SD scheduler, OpenAI CLIP tokenizer). SDXL files (base:
+    CLIP-L + OpenCLIP-bigG, `TextEncoders`; refiner: bigG only) get SDXL's text conditioning (penultimate
+    layers, no final norm; bigG's tokenizer pads with "!") and the base its force_zeros_for_empty_prompt.
 
-    `unet_config` / `vae_config` (a config or a mapping of fields) override what the weights cannot tell,
-    as in ``ldm_jax.convert.compvis.load_single_file``.
+    `unet_config` / `vae_config` / `text_config` / `text_config_2` (a config or a mapping of fields) override
+    what the weights cannot tell, as in ``ldm_jax.convert.compvis.load_single_file``.
     """
-    parts = compvis.load_single_file(path, kind, use_ema=use_ema, unet_config=unet_config, vae_config=vae_config)
-    missing = [p for p in ("unet", "vae", "text_encoder") if p not in parts]
+    parts = compvis.load_single_file(path, kind, use_ema=use_ema, unet_config=unet_config, vae_config=vae_config,
+                                     text_config=text_config, text_config_2=text_config_2)
+    kind = parts["kind"]
+    texts = [p for p in ("text_encoder", "text_encoder_2") if p in parts]
+    missing = [p for p in ("unet", "vae") if p not in parts] + ([] if texts else ["text_encoder"])
     if missing:
         raise ConversionError(f"'{os.fspath(path)}' holds no {', '.join(missing)} weights; a full SD checkpoint "
                               "is needed for sampling")
-    kind = parts["kind"]
-    te_cfg, te_params = parts["text_encoder"]
-    tokenizer = CLIPTokenizer.default(max_length=te_cfg.max_length, pad_token=EOS if kind == "sd15" else "!")
-    te = TextEncoder(CLIPTextEncoder(te_cfg, dtype=dtype or jnp.float32), _device(te_params), tokenizer)
+    encoders = []
+    for part in texts:  # SDXL: CLIP-L pads with its EOS token, OpenCLIP-bigG with "!" (diffusers' tokenizer_2)
+        te_cfg, te_params = parts[part]
+        pad = EOS if kind == "sd15" or (kind == "sdxl" and part == "text_encoder") else "!"
+        tokenizer = CLIPTokenizer.default(max_length=te_cfg.max_length, pad_token=pad)
+        options = SDXL_TEXT_OPTIONS if kind == "sdxl" else {}
+        encoders.append(TextEncoder(CLIPTextEncoder(te_cfg, dtype=dtype or jnp.float32), _device(te_params),
+                                    tokenizer, **options))
+    te = encoders[0] if len(encoders) == 1 else TextEncoders(tuple(encoders))
     schedule, _, defaults = scheduler_from_config(SD_SCHEDULER)
     if prediction is None:
         prediction = "v" if kind == "sd21" else "eps"
@@ -266,7 +297,7 @@ def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction
     return dict(unet_config=unet_cfg, unet_params=_device(unet_params), vae_config=vae_cfg,
                 vae_params=_device(vae_params), text_encoder=te, schedule=schedule,
                 prediction=PREDICTION_NAMES.get(prediction, prediction), defaults=defaults, source=os.fspath(path),
-                dtype=dtype)
+                dtype=dtype, force_zeros_for_empty_prompt=kind == "sdxl" and "text_encoder" in parts)
 
 
 # ---------------------------------------------------------------------------- (c) run configs and workdirs
@@ -279,13 +310,13 @@ def config_parts(config, unet_params=None, schedule_params=None) -> dict:
     model = config["model"]
     te = build.text_encoder(model["text_encoder"])
     vae_cfg, vae_params = build.frozen_vae(model["vae"])
-    pre = build.pretrained_backbone(model, context_dim=te.hidden_size, latent_channels=vae_cfg.latent_channels)
+    fit = dict(context_dim=te.hidden_size, latent_channels=vae_cfg.latent_channels, pooled_dim=te.pooled_size)
+    pre = build.pretrained_backbone(model, **fit)
     if pre is not None:
         unet_cfg, pretrained = pre
         unet_params = pretrained if unet_params is None else unet_params
     else:
-        unet_cfg = build.backbone_config(model, context_dim=te.hidden_size, latent_channels=vae_cfg.latent_channels,
-                                         **build.compute_options(config))
+        unet_cfg = build.backbone_config(model, **fit, **build.compute_options(config))
     name = build.backbone(model)
     if backbones.context_dim(unet_cfg) != te.hidden_size:
         raise ConfigError(f"model.{name} attends to {backbones.context_dim(unet_cfg)}-wide text states but the text "
@@ -323,7 +354,7 @@ def workdir_parts(path: str | os.PathLike, *, step: int | None = None, ema: bool
     parts.update(unet_params=_device(unet_params), source=path, dtype=dtype)
     if dtype is not None:
         te = parts["text_encoder"]
-        parts["text_encoder"] = dataclasses.replace(te, module=te.module.clone(dtype=dtype))
+        parts["text_encoder"] = te.with_dtype(dtype)
     return parts
 
 
@@ -368,7 +399,7 @@ def merged_lora(model, files: Sequence[tuple[str | os.PathLike, float]]):
     if model.unet_params is None:
         raise ConfigError("this model has no U-Net parameters to merge a LoRA into")
     te = model.text_encoder
-    text_cfg = te.module.config if isinstance(te.module, CLIPTextEncoder) else None
+    text_cfg = te.module.config if isinstance(te, TextEncoder) and isinstance(te.module, CLIPTextEncoder) else None
     unet_adapters, text_adapters = [], []
     for path, weight in files:
         if not os.path.exists(path):
@@ -394,7 +425,7 @@ def pretrained_parts(path: str | os.PathLike, *, dtype=None, prediction: str | N
     """The parts of a diffusers SD folder, a CompVis single file, an ldm_jax workdir or a cached model id.
 
     `prediction` overrides the prediction kind (single files: "eps" / "v"); `ema` picks a workdir's EMA weights
-    (`step`: a checkpoint other than the newest); `kind` is the single file's "sd15" / "sd21" / "auto".
+    (`step`: a checkpoint other than the newest); `kind` is the single file's "sd15" / "sd21" / "sdxl" / "auto".
     """
     p = os.fspath(path)
     if looks_like_model_id(p):

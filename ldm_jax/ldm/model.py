@@ -55,6 +55,7 @@ class LatentDiffusion:
     dtype: Any = None
     default_size: int | None = None  # image side when none is given (else U-Net sample_size x VAE factor)
     sample: SampleConfig | None = None  # the training run's `sample` section (workdirs), the commands' defaults
+    force_zeros_for_empty_prompt: bool = False  # SDXL: no negative prompt -> zero negative text (diffusers' name)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # see `replace`
     _placements: dict = dataclasses.field(default_factory=dict, repr=False)  # devices -> placed own parameters
 
@@ -70,6 +71,7 @@ class LatentDiffusion:
         if c_out != lat or c_in not in (lat, 2 * lat + 1):
             raise ConfigError(f"{self.backbone} channels in={c_in} out={c_out} do not fit a VAE with {lat} latent "
                               f"channels (expected in={lat} or {2 * lat + 1} for inpainting, out={lat})")
+        self.num_time_ids  # noqa: B018  (checks an SDXL U-Net's added conditioning against the text encoder)
 
     # ------------------------------------------------------------------------------------------ constructors
     @classmethod
@@ -78,7 +80,7 @@ class LatentDiffusion:
                         cache_dir=None) -> LatentDiffusion:
         """From a training workdir, a diffusers SD folder, a CompVis/SD single file or a model id ("org/name")
         in the local Hugging Face cache (never downloaded). `prediction` overrides the prediction kind; `ema`
-        and `step` pick a workdir's weights; `kind` is a single file's "sd15" / "sd21" / "auto"."""
+        and `step` pick a workdir's weights; `kind` is a single file's "sd15" / "sd21" / "sdxl" / "auto"."""
         dtype = canonical_dtype(dtype) if dtype is not None else None
         return cls(**loading.pretrained_parts(path, dtype=dtype, prediction=prediction, ema=ema, kind=kind,
                                               step=step, cache_dir=cache_dir))
@@ -96,7 +98,8 @@ class LatentDiffusion:
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, **kwargs) -> LatentDiffusion:
-        """From a CompVis/SD single file (``loading.single_file_parts``: kind, prediction, use_ema, dtype, configs)."""
+        """From a CompVis/SD/SDXL single file (``loading.single_file_parts``: kind, prediction, use_ema, dtype,
+        configs)."""
         return cls(**loading.single_file_parts(path, **kwargs))
 
     @classmethod
@@ -140,6 +143,25 @@ class LatentDiffusion:
         return backbones.network(self.unet_config, self.dtype)
 
     @property
+    def num_time_ids(self) -> int:
+        """Micro-conditioning numbers the U-Net's added embedding takes: SDXL base 6 (original size, crop,
+        target size), the refiner 5 (the target size replaced by an aesthetic score); 0 for other networks."""
+        cfg = self.unet_config
+        if getattr(cfg, "addition_embed_type", None) != "text_time":
+            return 0
+        pooled = self.text_encoder.pooled_size
+        if pooled is None:
+            raise ConfigError("this U-Net adds pooled text (SDXL's text_time embedding) but the text encoder has no "
+                              "pooled output: pair it with CLIP encoders")
+        rest = cfg.projection_class_embeddings_input_dim - pooled
+        num, left = divmod(rest, cfg.addition_time_embed_dim)
+        if left or num not in (5, 6):
+            raise ConfigError(f"the U-Net's added embedding takes {cfg.projection_class_embeddings_input_dim} numbers; "
+                              f"{pooled} pooled text + {rest} is not 5 or 6 time ids of width "
+                              f"{cfg.addition_time_embed_dim} (SDXL's refiner / base)")
+        return num
+
+    @property
     def vae(self) -> AutoencoderKL:
         return AutoencoderKL(self.vae_config, dtype=self.dtype)
 
@@ -179,6 +201,7 @@ class LatentDiffusion:
         *,
         image=None,
         mask=None,
+        latents=None,
         strength: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
@@ -199,6 +222,17 @@ class LatentDiffusion:
         unet_params: PyTree = None,
         schedule=None,
         progress: bool = False,
+        output: str = "images",
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        negative_aesthetic_score: float | None = None,
         **sampler_options,
     ) -> np.ndarray:
         """Text-to-image, img2img (`image`) or inpainting (`image` + `mask`): ``len(prompts) *
@@ -225,12 +259,33 @@ class LatentDiffusion:
           devices: the devices the batch is spread over (default: all local devices).
           unet_params: other U-Net parameters (e.g. a training run's EMA) with the same compiled function;
             schedule: another schedule of the same kind (a learned schedule's current parameters).
+          output: "images" (uint8) or "latents": float32 (N, H/f, W/f, C) latents, not decoded, in the VP scale
+            the samplers use (x_t = alpha x0 + sigma eps; x0 itself after the last step).
+          denoising_end: stop at that fraction of the denoising (SDXL's base -> refiner handoff; use with
+            output="latents"); denoising_start: continue from `latents` (another model's denoising_end output)
+            at that fraction, without adding noise. The grid point is `generate.handoff_step`'s.
+          latents: img2img from latents instead of an image (noised to `strength` unless denoising_start).
+          original_size, crops_coords_top_left, target_size ((height, width) / (top, left)), aesthetic_score and
+            their negative_* counterparts: SDXL's micro-conditioning (`generate.time_ids`), for U-Nets with
+            the text_time embedding only.
           sampler_options: ``diffusion.SAMPLER_OPTIONS`` and grid options (rho, sigma_min, sigma_max, t_max).
+
+        SDXL models (`num_time_ids` > 0) also condition on the pooled text; with no negative prompt and
+        `force_zeros_for_empty_prompt`, the negative text and pooled vector are zeros (diffusers' rule).
         """
-        task = "text" if image is None else ("img2img" if mask is None else "inpaint")
+        if image is None and latents is None:
+            task = "text"
+        else:
+            task = "img2img" if mask is None else "inpaint"
+        micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                     target_size=target_size, aesthetic_score=aesthetic_score,
+                     negative_original_size=negative_original_size,
+                     negative_crops_coords_top_left=negative_crops_coords_top_left,
+                     negative_target_size=negative_target_size, negative_aesthetic_score=negative_aesthetic_score)
         if strength is None:
             strength = {"text": 1.0, "img2img": 0.8, "inpaint": 1.0}[task]
-        return gen.run(self, prompts, negative_prompt, task=task, image=image, mask=mask,
+        return gen.run(self, prompts, negative_prompt, task=task, image=image, mask=mask, latents=latents, micro=micro,
+                       output=output, denoising_start=denoising_start, denoising_end=denoising_end,
                        num_images_per_prompt=num_images_per_prompt, height=height, width=width, seed=seed,
                        noise=noise, batch_size=batch_size, micro_batch=micro_batch, devices=devices,
                        params=self.params(unet_params, schedule), progress=progress, sampler=sampler,

@@ -67,7 +67,7 @@ from ldm_jax.models.text import (
     tiny_bert,
     tiny_clip_text,
 )
-from ldm_jax.models.text_encoder import TextEncoder
+from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
 from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.models.unet import UNet, UNetConfig, init_unet, unet_example_inputs, unet_param_shapes
 from ldm_jax.models.vae import (
@@ -134,6 +134,7 @@ __all__ = [
     "CLIPTextEncoder",
     "CLIPTokenizer",
     "TextEncoder",
+    "TextEncoders",
     "WordPieceTokenizer",
     "clip_l14",
     "mean_pool",

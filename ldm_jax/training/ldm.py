@@ -56,7 +56,7 @@ def noised_loss(denoiser, latents, ctx, r_t, r_noise, schedule, dc: build.Diffus
                            **dict(dc.noise_sampling_options))
     noise = jax.random.normal(r_noise, latents.shape)
     x_t = diffusion.q_sample(schedule, latents, t, noise)
-    out = denoiser(x_t, t, ctx.astype(x_t.dtype))
+    out = denoiser(x_t, t, jax.tree.map(lambda a: a.astype(x_t.dtype), ctx))
     return diffusion.loss(out, latents, noise, t, schedule=schedule, prediction=dc.prediction,
                           **dc.loss_options()), t
 
@@ -100,12 +100,18 @@ def ensure_latent_cache(config, model: LatentDiffusion, workdir: str) -> str | N
         mean, logvar = posterior(vae_params, jnp.asarray(images))
         return np.asarray(mean), np.asarray(jnp.exp(0.5 * logvar))
 
+    pooled_text = jax.jit(te.encode_pooled_ids)
+
     def encode_text(captions):
-        return np.asarray(te.encode(captions))
+        if not model.num_time_ids:
+            return np.asarray(te.encode(captions))
+        hidden, pooled = pooled_text(te.params, *te.tokenize(captions))  # SDXL: the pooled text is cached too
+        return {"text_embedding": np.asarray(hidden), "text_pooled": np.asarray(pooled)}
 
     checksum = float(sum(np.abs(np.asarray(v, np.float64)).sum() for v in jax.tree.leaves(vae_params)))
     ids = {"vae": f"{model.vae.config}|{checksum:.10e}",
-           "text": f"{config.model.text_encoder.name}|{config.model.text_encoder.path}|{te.max_length}"}
+           "text": f"{config.model.text_encoder.name}|{config.model.text_encoder.path}|"
+                   f"{config.model.text_encoder.get('path_2', '')}|{te.max_length}"}
     source = DataConfig.from_run_config(config, max_length=te.max_length, latent_cache=None)
     # Every process encodes its part (the workdir is shared storage in a multi-process run).
     together = dict(process_index=jax.process_index(), process_count=jax.process_count(),
@@ -149,7 +155,25 @@ def make_task(config, workdir: str):
             return lora.init_lora(lora_cfg, base_shapes, rng)  # up = 0: the step-0 model is the base exactly
         x = jnp.zeros((1, *latent_shape), jnp.float32)
         ctx = jnp.zeros((1, te.max_length, te.hidden_size), jnp.float32)
-        return model.unet.init(rng, x, jnp.zeros((1,)), ctx)["params"]  # pretrained weights: Task.pretrained
+        added = {"added": conditioning(ctx, jnp.zeros((1, te.pooled_size or 0)), x)["added"]} if num_ids else {}
+        return model.unet.init(rng, x, jnp.zeros((1,)), ctx, **added)["params"]  # pretrained: Task.pretrained
+
+    num_ids = model.num_time_ids  # SDXL's text_time U-Net: pooled text and micro-conditioning beside the states
+
+    def conditioning(hidden, pooled, latents):
+        """The denoiser's context: the text states, and for SDXL the pooled text with the micro-conditioning
+        of an uncropped image at its training size, (h, w, 0, 0, h, w) (diffusers' training scripts' default
+        without crop bookkeeping)."""
+        if not num_ids:
+            return hidden
+        h, w = latents.shape[1] * f, latents.shape[2] * f
+        ids = jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (latents.shape[0], 6))
+        return {"text": hidden, "added": {"text_embeds": pooled, "time_ids": ids}}
+
+    if num_ids not in (0, 6):
+        raise ConfigError(f"this U-Net takes {num_ids} time ids (a refiner's); training uses the base's 6: set "
+                          "model.unet.projection_class_embeddings_input_dim to pooled width + 6 x "
+                          "addition_time_embed_dim")
 
     def network_params(params, frozen):
         """The denoiser's weights: the trained tree, or the frozen base with the trained adapter applied."""
@@ -162,10 +186,14 @@ def make_task(config, workdir: str):
         else:
             latents = model.vae.apply({"params": frozen["vae"]}, batch["image"], r_lat, method=model.vae.latents)
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
+        pooled = None
         if "text_embedding" in batch:  # from the latent cache (caption dropout already applied)
-            ctx = batch["text_embedding"]
+            hidden, pooled = batch["text_embedding"], batch.get("text_pooled")
+        elif num_ids:
+            hidden, pooled = te.encode_pooled_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
         else:
-            ctx = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
+            hidden = te.encode_ids(frozen["text"], batch["input_ids"], batch.get("attention_mask"))
+        ctx = conditioning(hidden, pooled, latents)
         return noised_loss(model.denoiser(network_params(params, frozen), schedule), latents,
                            jax.lax.stop_gradient(ctx), r_t, r_noise, schedule, dc)
 
@@ -180,6 +208,8 @@ def make_task(config, workdir: str):
 
     keys = ("latent_mean", "latent_std", "text_embedding", "input_ids", "attention_mask") if dcfg.latent_cache else (
         "image", "input_ids", "attention_mask")
+    if dcfg.latent_cache and num_ids:
+        keys += ("text_pooled",)
 
     def iterator(process_index, process_count):
         it = make_iterator(dcfg, tokenizer=te.tokenize_dict, process_index=process_index,

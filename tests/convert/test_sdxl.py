@@ -285,5 +285,6 @@ def test_sdxl_base_and_refiner_single_files(sdxl_parts, tmp_path):
             te_cfg, te = out["text_encoder"]
             assert te_cfg.projection_dim is None and te_cfg.hidden_act == "quick_gelu"
             _tree_equal(te, hf.clip_text_params_from_state_dict(_numpy_sd(clip_l), te_cfg))
-    with pytest.raises(ConfigError, match="load it with kind='sdxl'"):
-        compvis.load_single_file(tmp_path / "base.safetensors")
+    auto = compvis.load_single_file(tmp_path / "base.safetensors", unet_config={**unet_fixed, "num_heads": (2, 2, 4)},
+                                    text_config={"num_heads": 2}, text_config_2={"num_heads": 2})
+    assert auto["kind"] == "sdxl" and set(auto) >= {"unet", "text_encoder", "text_encoder_2"}  # found by its keys

@@ -1,5 +1,5 @@
 """The memory/FLOP planner (`ldm_jax.training.plan`, `ldm-jax plan`) against XLA's analyses of the real program, and
-the README's planning table for SD-1.5- and SDXL-size U-Nets, a text DiT-XL/2 and SD3-medium's MMDiT.
+the README's planning table for SD-1.5's and SDXL's U-Nets, a text DiT-XL/2 and SD3-medium's MMDiT.
 
     .venv/bin/python experiments/benchmarks/plan_check.py check     # benchmark U-Net on 8 host CPU devices
     .venv/bin/python experiments/benchmarks/plan_check.py table     # SD-1.5 / SDXL calibrations (CPU, ~15 min)
@@ -9,7 +9,7 @@ the README's planning table for SD-1.5- and SDXL-size U-Nets, a text DiT-XL/2 an
 `check` plans the benchmark U-Net of `unet_cpu.py` (5.3M parameters, 16x16x4 latents, 77 x 768 context, float32)
 at global batch 64 on 8 devices for three meshes, twice: calibrated on the mesh itself and calibrated on one
 device (the way 64..1024 devices are planned), and compares both with the compiled real step's memory analysis
-and the lowered real step's FLOPs. `table` calibrates SD-1.5 and SDXL-size U-Nets (bf16 compute, with and without
+and the lowered real step's FLOPs. `table` calibrates SD-1.5's and SDXL's U-Nets (bf16 compute, with and without
 remat) on one CPU device and writes their per-chip plans; `markdown` prints the table. Results: plan_check.json
 (each part replaces its own key).
 """
@@ -34,10 +34,9 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_check.json"
 # unet_cpu.py's BENCH_UNET (not imported: that module changes XLA's CPU defaults at import)
 BENCH_UNET = dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(True, True, False),
                   head_dim=32, sample_size=16, zero_init=False)
-# SDXL-base's U-Net (2,567,463,684 parameters in diffusers) without its text-time embedding (5.3M parameters),
-# which UNetConfig does not have
-SDXL_UNET = dict(block_out_channels=(320, 640, 1280), attention_levels=(False, True, True),
-                 transformer_layers_per_block=(1, 2, 10), head_dim=64, use_linear_projection=True, sample_size=128)
+# SDXL-base's U-Net (2,567,463,684 parameters, the text_time embedding of the pooled bigG text and 6 time ids
+# included: the planner feeds them as the stage does)
+SDXL_UNET = dict(preset="sdxl")
 MESHES = ((8, 1, 8), (64, 1, 64), (256, 4, 64), (256, 1, 256), (1024, 16, 64), (1024, 1, 1024))  # chips, data, fsdp
 HBM = {"H100-80G": 80.0, "TPU v5p": 95.0}
 # the H100 measurement of experiments/benchmarks/gpu_jax_train.json (SD-1.5, 64x64 latents, bf16, cuDNN attention,
@@ -105,7 +104,7 @@ def check(args) -> dict:
 
 def _models():
     return {"SD-1.5": (ldm_config({}, 512, "bfloat16"), (77, 768), 16),
-            "SDXL-size": (ldm_config(SDXL_UNET, 1024, "bfloat16"), (77, 2048), 4),
+            "SDXL": (ldm_config(SDXL_UNET, 1024, "bfloat16"), (77, 2048, 1280), 4),
             "DiT-XL/2 + text": (ldm_config(XL2_TEXT_DIT, 512, "bfloat16", "dit"), (120, 4096), 16),
             "SD3-medium MMDiT": (ldm_config(SD3_MMDIT, 1024, "bfloat16", "mmdit", 16), (333, 4096), 4)}
 

@@ -158,13 +158,15 @@ def scheduler_config(diffusion_section: Mapping, defaults: Mapping, sampler: str
 # ---------------------------------------------------------------------------- text encoder
 def save_text_encoder(text_encoder_dir: str, tokenizer_dir: str, te) -> tuple[dict, dict]:
     """Writes a `TextEncoder` (module, params, tokenizer) as transformers folders. Returns ({component:
-    [library, class]}, the options ldm_jax needs to rebuild it: kind, max_length, hidden_layer,
+    [library, class]}, the options ldm_jax needs to rebuild it: kind, max_length, hidden_layer, final_norm,
     use_attention_mask)."""
     module, tokenizer = te.module, te.tokenizer
     if isinstance(module, CLIPTextEncoder) and isinstance(tokenizer, CLIPTokenizer):
         hf.save_clip_text(text_encoder_dir, module.config, unbox(te.params))
         tokenizer.save(tokenizer_dir)
-        classes, kind = ("CLIPTextModel", "CLIPTokenizer"), "clip"
+        projected = module.config.projection_dim is not None
+        classes = ("CLIPTextModelWithProjection" if projected else "CLIPTextModel", "CLIPTokenizer")
+        kind = "clip"
     elif isinstance(module, BertEncoder) and isinstance(tokenizer, WordPieceTokenizer):
         hf.save_bert(text_encoder_dir, module.config, unbox(te.params))
         _save_wordpiece(tokenizer_dir, tokenizer)
@@ -177,6 +179,8 @@ def save_text_encoder(text_encoder_dir: str, tokenizer_dir: str, te) -> tuple[di
     _update_json(os.path.join(tokenizer_dir, "tokenizer_config.json"), model_max_length=int(te.max_length))
     options = {"kind": kind, "max_length": int(te.max_length), "hidden_layer": te.hidden_layer,
                "use_attention_mask": bool(te.use_attention_mask)}
+    if kind == "clip":
+        options["final_norm"] = bool(te.final_norm)
     return {"text_encoder": ["transformers", classes[0]], "tokenizer": ["transformers", classes[1]]}, options
 
 
@@ -230,8 +234,14 @@ def write_model_folder(dst: str, model, diffusion_section: Mapping, *, source: s
                               "ldm_jax.convert.sd3.save_sd3_transformer")
     dconv.save_unet(os.path.join(dst, "unet"), model.unet_config, unbox(model.unet_params))
     dconv.save_vae(os.path.join(dst, "vae"), model.vae_config, unbox(model.vae_params))
-    text_classes, text_options = save_text_encoder(os.path.join(dst, "text_encoder"),
-                                                   os.path.join(dst, "tokenizer"), model.text_encoder)
+    encoders = getattr(model.text_encoder, "encoders", (model.text_encoder,))  # SDXL: text_encoder{,_2}/
+    text_classes, text_options = {}, {}
+    for i, te in enumerate(encoders):
+        suffix = f"_{i + 1}" if i else ""
+        classes, options = save_text_encoder(os.path.join(dst, "text_encoder" + suffix),
+                                             os.path.join(dst, "tokenizer" + suffix), te)
+        text_classes.update({k + suffix: v for k, v in classes.items()})
+        text_options["text_encoder" + suffix] = options
     sample = model.sample.to_dict() if model.sample is not None else None
     sampler = sample["sampler"] if sample else "ddim"
     sched = scheduler_config(diffusion_section, dataclasses.asdict(model.defaults), sampler,
@@ -242,23 +252,25 @@ def write_model_folder(dst: str, model, diffusion_section: Mapping, *, source: s
         "source": source,
         "sample": plain(sample),
         "default_size": model.default_size,
-        "text_encoder": text_options,
+        **text_options,
         "unet": config_overrides(model.unet_config, dconv.unet_config_to_diffusers, dconv.unet_config_from_diffusers,
                                  "U-Net"),
         "vae": config_overrides(model.vae_config, dconv.vae_config_to_diffusers, dconv.vae_config_from_diffusers,
                                 "VAE"),
     }
+    sdxl = len(encoders) > 1
+    pipeline = {"_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
+                "force_zeros_for_empty_prompt": bool(model.force_zeros_for_empty_prompt)} if sdxl else {
+        "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None], "requires_safety_checker": False}
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        **pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         **text_classes,
         "scheduler": ["diffusers", sched["_class_name"]] if "_class_name" in sched else ["ldm_jax", "Schedule"],
-        "safety_checker": [None, None],
         "feature_extractor": [None, None],
-        "requires_safety_checker": False,
         LDM_JAX: extra,
     }
     write_json(os.path.join(dst, "model_index.json"), index)
-    return ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    return ["unet", "vae", *(name for name in text_classes), "scheduler"]

@@ -26,6 +26,7 @@ from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_records import _FORMAT_VERSION, MANIFEST, RECORDS, UNCOND, LatentCache, encode_record
 from ldm_jax.data.pipeline import DataConfig, collate, global_dataset, make_iterator
 from ldm_jax.data.shard_stream import SOURCE_NAME
+from ldm_jax.types import ConfigError
 
 _RESERVED = ("latent_mean", "latent_std", "caption", "index")
 # Source settings that change the cached content; a cache is reused only when they match.
@@ -136,6 +137,9 @@ def build_latent_cache(
     from tqdm.auto import tqdm
 
     cfg = source_cfg if isinstance(source_cfg, DataConfig) else DataConfig.from_config(source_cfg)
+    if dict(cfg.builder_kwargs or ()).get("buckets"):
+        raise ConfigError("data.latent_cache with aspect-ratio buckets is not supported yet (its records have one "
+                          "shape): set data.latent_cache='' so the VAE encodes each bucketed batch in the step")
     cfg = cfg.replace(shuffle=False, flip=False, caption_dropout=0.0, num_epochs=1, drop_remainder=False,
                       batch_size=batch_size, latent_cache=None)
     out, encoder_ids = Path(out_dir).expanduser(), dict(encoder_ids or {})

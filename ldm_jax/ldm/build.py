@@ -29,7 +29,8 @@ from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
 from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
-                "sd15_inpaint": presets.sd15_inpaint_unet}
+                "sd15_inpaint": presets.sd15_inpaint_unet, "sdxl": presets.sdxl_unet,
+                "sdxl_refiner": presets.sdxl_refiner_unet, "tiny_sdxl": presets.tiny_sdxl_unet}
 DIT_PRESETS = {"tiny": presets.tiny_dit, "xl_2": presets.dit_xl_2}
 MMDIT_PRESETS = {"tiny": presets.tiny_mmdit, "sd3_medium": presets.sd3_medium, "sd35_medium": presets.sd35_medium}
 BACKBONE_PRESETS = {"unet": UNET_PRESETS, "dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS}

@@ -244,20 +244,17 @@ def _text_conditioning(model, opts: Options, params: PyTree, batch: dict) -> tup
         ids, attn = jnp.concatenate([ids, batch["uncond_ids"]]), jnp.concatenate([attn, batch["uncond_attn"]])
     if model.num_time_ids:
         hidden, pooled = te.encode_pooled_ids(params, ids, attn)
-        conds = [{"text": h, "added": {"text_embeds": p}} for h, p in
-                 zip(jnp.split(hidden, 2), jnp.split(pooled, 2), strict=True)] if opts.guided else \
-            [{"text": hidden, "added": {"text_embeds": pooled}}]
-        for cond, key in zip(conds, ("time_ids", "uncond_time_ids"), strict=False):
-            cond["added"]["time_ids"] = batch[key]
     else:
-        hidden = te.encode_ids(params, ids, attn)
-        conds = [{"text": h} for h in (jnp.split(hidden, 2) if opts.guided else [hidden])]
+        hidden, pooled = te.encode_ids(params, ids, attn), None
+    sides = (lambda a: jnp.split(a, 2)) if opts.guided else (lambda a: [a])
+    conds = [{"text": h} for h in sides(hidden)]
+    if pooled is not None:
+        for cond, p, key in zip(conds, sides(pooled), ("time_ids", "uncond_time_ids"), strict=False):
+            cond["added"] = {"text_embeds": p, "time_ids": batch[key]}
     if opts.guided and opts.zero_uncond:
-        u = conds[1]
-        zeroed = {"text": jnp.zeros_like(u["text"])}
-        if "added" in u:
-            zeroed["added"] = {**u["added"], "text_embeds": jnp.zeros_like(u["added"]["text_embeds"])}
-        conds[1] = zeroed
+        conds[1] = jax.tree.map(jnp.zeros_like, conds[1])
+        if pooled is not None:  # the negative micro-conditioning stays
+            conds[1]["added"]["time_ids"] = batch["uncond_time_ids"]
     return conds[0], (conds[1] if opts.guided else None)
 
 

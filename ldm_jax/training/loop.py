@@ -188,6 +188,31 @@ def _global_abstract(local: PyTree, mesh) -> PyTree:
                                                        np.asarray(x).dtype, sharding=sharding), local)
 
 
+class _StepPerShape:
+    """The compiled train step of each global batch shape the data gives (aspect-ratio buckets: one per
+    bucket), compiled when that shape first arrives; the state and frozen shardings are the same for all.
+    `compile_for(abstract_batch)` compiles one."""
+
+    def __init__(self, compile_for):
+        self._compile_for, self._compiled = compile_for, {}
+
+    @staticmethod
+    def _key(batch) -> tuple:
+        return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(batch))
+
+    def prepare(self, abstract_batch) -> None:
+        """Compiles the step for this batch (ShapeDtypeStructs with their shardings) now."""
+        key = self._key(abstract_batch)
+        if key not in self._compiled:
+            if self._compiled:
+                logger.info("batch shapes %s: compiling the train step for them", [k[0] for k in key])
+            self._compiled[key] = self._compile_for(abstract_batch)
+
+    def __call__(self, state, batch, frozen):
+        self.prepare(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch))
+        return self._compiled[self._key(batch)](state, batch, frozen)
+
+
 def _next_batch(iterator, step: int) -> PyTree:
     try:
         return next(iterator)
@@ -292,8 +317,11 @@ def train(config, workdir: str, task: Task, callbacks: Sequence[Callback] = ()) 
             return state
         frozen = shd.place(task.frozen, mesh, rules)
         first = _next_batch(iterator, start + 1)
-        step_fn = compile_train_step(make_train_step(task, tx, schedule, step_cfg), state, jax.tree.map(
-            lambda x: x.sharding, state), _global_abstract(first, mesh), frozen, mesh, rules)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        step_fn = _StepPerShape(functools.partial(compile_train_step, make_train_step(task, tx, schedule, step_cfg),
+                                                  abstract_state, shardings, frozen=frozen, mesh=mesh, rules=rules))
+        step_fn.prepare(_global_abstract(first, mesh))  # before the first step: compile errors come first
         writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
         loop = _Loop(lc, ckpt, writer, portable_config(_config_json(config), workdir), task.batch_size)
         return loop.run(step_fn, state, first, iterator, frozen, mesh, start, callbacks)

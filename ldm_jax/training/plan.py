@@ -101,15 +101,24 @@ def _json(path: str) -> dict:
         return json.load(f)
 
 
-def text_context_shape(config) -> tuple[int, int]:
-    """(tokens, width) of the text encoder's states, from its config only (no weights)."""
+def text_context_shape(config) -> tuple[int, ...]:
+    """(tokens, width) of the text encoder's states, from its config only (no weights); SDXL's pair: (tokens,
+    summed width, pooled width)."""
     sec = build.section(config.model.get("text_encoder"))
     te = build.TextEncoderConfig.from_config(sec)
     if te.name == "minilm":
         return te.max_length, int(_json(os.path.join(hf_text.minilm_dir(), "config.json"))["hidden_size"])
-    d = _json(os.path.join(te.path, "config.json"))
-    d = d.get("text_config", d)
-    return int(d.get("max_position_embeddings", 77)), int(d["hidden_size"])
+
+    def read(path):
+        d = _json(os.path.join(path, "config.json"))
+        return d.get("text_config", d)
+
+    d = read(te.path)
+    tokens, width = int(d.get("max_position_embeddings", 77)), int(d["hidden_size"])
+    if te.name != "sdxl":
+        return tokens, width
+    d2 = read(te.path_2)
+    return tokens, width + int(d2["hidden_size"]), int(d2.get("projection_dim") or d2["hidden_size"])
 
 
 def _diffusers_config(path: str, subfolder: str) -> dict:
@@ -131,7 +140,7 @@ def _vae_config(config):
     return build.vae_config(sec)
 
 
-def _backbone_config(config, ctx_dim: int, latent_channels: int):
+def _backbone_config(config, ctx_dim: int, latent_channels: int, pooled_dim: int | None = None):
     """The denoiser's config, from a pretrained folder's config.json alone (no weights read) or the preset."""
     sec = build.backbone_section(config.model)
     options = build.compute_options(config)
@@ -139,40 +148,61 @@ def _backbone_config(config, ctx_dim: int, latent_channels: int):
         name = build.backbone(config.model)
         if name == "unet" and not is_workdir(sec["pretrained"]):
             return dconv.unet_config_from_diffusers(_diffusers_config(sec["pretrained"], "unet")).replace(**options)
-        cfg, _ = build.pretrained_backbone(config.model, context_dim=ctx_dim, latent_channels=latent_channels)
+        cfg, _ = build.pretrained_backbone(config.model, context_dim=ctx_dim, latent_channels=latent_channels,
+                                           pooled_dim=pooled_dim)
         return cfg.replace(**options)
-    return build.backbone_config(config.model, context_dim=ctx_dim, latent_channels=latent_channels, **options)
+    return build.backbone_config(config.model, context_dim=ctx_dim, latent_channels=latent_channels,
+                                 pooled_dim=pooled_dim, **options)
 
 
-def ldm_task(config, context: tuple[int, int] | None = None) -> tuple[Task, Callable[[int], PyTree], dict]:
+def ldm_task(config, context: tuple[int, ...] | None = None) -> tuple[Task, Callable[[int], PyTree], dict]:
     """The latent-diffusion step on latent-cache batches: the stage's own loss (``training.ldm.noised_loss``)
-    as it runs with ``data.latent_cache``."""
-    ctx_len, ctx_dim = context or text_context_shape(config)
+    as it runs with ``data.latent_cache``. `context`: (tokens, width[, pooled width]) of the text; an SDXL
+    text_time U-Net also gets the pooled text and 6 micro-conditioning numbers, as the stage feeds it."""
+    ctx_len, ctx_dim, *rest = context or text_context_shape(config)
+    pooled_dim = rest[0] if rest else None
     vae_cfg = _vae_config(config)
     side, f = int(config.data.resolution), vae_cfg.downsample_factor
     if side % f:
         raise ConfigError(f"data.resolution={side} is not a multiple of the VAE's factor {f}")
     latent_shape = (side // f, side // f, vae_cfg.latent_channels)
-    net = backbones.network(_backbone_config(config, ctx_dim, vae_cfg.latent_channels))
+    net_cfg = _backbone_config(config, ctx_dim, vae_cfg.latent_channels, pooled_dim)
+    net = backbones.network(net_cfg)
     dc = build.diffusion_config(config.diffusion)
     schedule = dc.make_schedule()
+    if getattr(net_cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 time ids
+        pooled_dim = net_cfg.projection_class_embeddings_input_dim - 6 * net_cfg.addition_time_embed_dim
+    else:
+        pooled_dim = None
+
+    def context_of(text, pooled):
+        if pooled_dim is None:
+            return text
+        ids = jnp.full((text.shape[0], 6), float(side), jnp.float32)
+        return {"text": text, "added": {"text_embeds": pooled, "time_ids": ids}}
 
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
-        return net.init(rng, x, jnp.zeros((1,)), jnp.zeros((1, ctx_len, ctx_dim), jnp.float32))["params"]
+        ctx = context_of(jnp.zeros((1, ctx_len, ctx_dim), jnp.float32), jnp.zeros((1, pooled_dim or 0)))
+        added = {"added": ctx["added"]} if pooled_dim else {}
+        return net.init(rng, x, jnp.zeros((1,)), ctx["text"] if pooled_dim else ctx, **added)["params"]
 
     def loss_fn(params, batch, rng, step, *, frozen, extra):
         del step, frozen, extra
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
         latents = jax.lax.stop_gradient(cached_latents(batch, r_lat, vae_cfg))
         denoiser = Denoiser(params, schedule, net, dc.precondition, dc.sigma_data, dc.network_input)
-        per_example, t = noised_loss(denoiser, latents, batch["text_embedding"], r_t, r_noise, schedule, dc)
+        ctx = context_of(batch["text_embedding"], batch.get("text_pooled"))
+        per_example, t = noised_loss(denoiser, latents, ctx, r_t, r_noise, schedule, dc)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 
     def batch(n: int):
         lat = jax.ShapeDtypeStruct((n, *latent_shape), jnp.float32)
-        return {"latent_mean": lat, "latent_std": lat,
-                "text_embedding": jax.ShapeDtypeStruct((n, ctx_len, ctx_dim), jnp.float32)}
+        out = {"latent_mean": lat, "latent_std": lat,
+               "text_embedding": jax.ShapeDtypeStruct((n, ctx_len, ctx_dim), jnp.float32)}
+        if pooled_dim:
+            out["text_pooled"] = jax.ShapeDtypeStruct((n, pooled_dim), jnp.float32)
+        return out
 
     task = Task(name="ldm", init=init, loss_fn=loss_fn, make_iterator=None, batch_size=int(config.data.batch_size))
     notes = {"latent_shape": list(latent_shape), "context_shape": [ctx_len, ctx_dim],
@@ -201,7 +231,7 @@ def _other_task(config) -> tuple[Task, Callable[[int], PyTree], dict]:
     raise ConfigError(f"train.stage='{stage}': the planner knows the stages ldm, autoencoder and toy")
 
 
-def make_setup(config, *, context: tuple[int, int] | None = None) -> Setup:
+def make_setup(config, *, context: tuple[int, ...] | None = None) -> Setup:
     """The `Setup` of `config` (``config.train.remat`` and ``config.data.batch_size`` as they are)."""
     if str(config.train.stage) == "ldm":
         task, batch, notes = ldm_task(config, context)

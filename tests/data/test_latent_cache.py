@@ -11,6 +11,7 @@ from ldm_jax.data.common import DataError
 from ldm_jax.data.latent_cache import build_latent_cache
 from ldm_jax.data.latent_records import LatentCache
 from ldm_jax.data.pipeline import make_iterator
+from ldm_jax.types import ConfigError
 from tests.data.conftest import as_processes
 
 BATCH = 24  # does not divide the 40 test examples: the last batch is padded
@@ -176,3 +177,11 @@ def test_cache_from_shards_is_the_same_on_one_two_and_three_processes(tmp_path):
                     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         for key in one.uncond:
             np.testing.assert_array_equal(other.uncond[key], one.uncond[key])
+
+
+def test_buckets_are_refused_before_any_encoding(tmp_path):
+    source = {"name": "shards", "builder_kwargs": {"paths": str(tmp_path / "none"), "buckets": [[8, 8], [6, 12]]},
+              "resolution": 8}
+    with pytest.raises(ConfigError, match="latent_cache with aspect-ratio buckets"):
+        build_latent_cache(source, ToyEncoders().images, ToyEncoders.text, tmp_path / "cache", BATCH)
+    assert not (tmp_path / "cache").exists()

@@ -116,7 +116,8 @@ def test_single_file_loads_as_the_folder_and_converts(sdxl, tmp_path, monkeypatc
     assert sorted(written) == ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
                                "vae"]
     reloaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder")
-    assert type(reloaded.scheduler).__name__ == "EulerDiscreteScheduler" and reloaded.config.force_zeros_for_empty_prompt
+    assert type(reloaded.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert reloaded.config.force_zeros_for_empty_prompt
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         want = getattr(pipe, name).state_dict()
         for key, value in getattr(reloaded, name).state_dict().items():
@@ -182,6 +183,29 @@ def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
     ref = sdxl.refiner(["a watercolor painting"], image=Image.fromarray(init), strength=0.6,
                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, num_images_per_prompt=2,
                        output_type="np").images
+    assert_matches(ours, ref)
+
+
+def test_inpaint_matches_diffusers(sdxl, monkeypatch):
+    """SDXL's inpainting pipeline on the base (4-channel U-Net: latent blending), strength < 1, micro-conditioning
+    and a negative prompt."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+
+    init, noise = smooth_image(3), noise_for(3, 1)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 8:40] = 255
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: nchw(noise).reshape(shape))
+    ref_pipe = StableDiffusionXLInpaintPipeline(**sdxl.base.components)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe("a red apple", negative_prompt="blurry", image=Image.fromarray(init),
+                   mask_image=Image.fromarray(mask, "L"), strength=0.75, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, height=SIZE, width=SIZE, original_size=(128, 96),
+                   output_type="np").images
+    ours = sdxl.ours.generate("a red apple", "blurry", image=init, mask=mask, strength=0.75, sampler="euler",
+                              num_steps=STEPS, guidance_scale=GUIDANCE, noise=noise, original_size=(128, 96))
     assert_matches(ours, ref)
 
 

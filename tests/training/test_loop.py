@@ -178,3 +178,39 @@ def test_sigterm_saves_and_exits_0_then_sigkill_then_rerun_matches_uninterrupted
     assert [r["step"] for r in rows] == list(range(1, toy_cases.NUM_STEPS + 1))
     ref_losses = _losses(reference[0])
     assert [r["loss"] for r in rows[resumed:]] == [ref_losses[s] for s in range(resumed + 1, toy_cases.NUM_STEPS + 1)]
+
+
+class _TwoShapes:
+    """The toy iterator's batches, every other one cropped to 8 x 6 (aspect-ratio buckets: one shape per batch)."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.count += 1
+        return {k: v[:, :, :6] for k, v in batch.items()} if self.count % 2 == 0 else batch
+
+    def get_state(self):
+        return {"inner": self.inner.get_state(), "count": self.count}
+
+    def set_state(self, state):
+        self.inner.set_state(state["inner"])
+        self.count = state["count"]
+
+
+def test_batches_of_several_shapes_compile_one_step_each(tmp_path, caplog):
+    import dataclasses
+
+    cfg = toy_cases.config()
+    cfg.train.num_steps, cfg.checkpoint.every_steps = 6, 3
+    task = toy.make_task(cfg)
+    task = dataclasses.replace(task, make_iterator=lambda i, n: _TwoShapes(toy.make_iterator(cfg, i, n)))
+    with caplog.at_level(logging.INFO, logger="ldm_jax.training"):
+        state = train(cfg, str(tmp_path), task)
+    assert int(state.step) == 6 and all(np.isfinite(v) for v in _losses(str(tmp_path)).values())
+    assert caplog.text.count("compiling the train step for them") == 1  # 8 x 8 first, then 8 x 6 once
+    assert _steps(str(tmp_path)) == [3, 6]

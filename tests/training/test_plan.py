@@ -75,6 +75,21 @@ def test_transformer_backbones_are_planned_from_their_own_parameters(name):
     assert sb["params"] == sb["gradients"] == sb["ema"]
 
 
+def test_sdxl_text_time_unet_is_planned_with_its_added_embedding():
+    """An SDXL U-Net (text_time): planned with the pooled text and time ids the stage feeds it, so its state is
+    the full parameter count (the added embedding included)."""
+    from ldm_jax.models import presets, unet
+
+    c = tiny_config()
+    c.model.unet = {"preset": "tiny_sdxl", "pretrained": ""}
+    setup = pl.make_setup(c, context=(8, 32, 16))  # 8 tokens, 32 wide (two encoders), 16-wide pooled text
+    want = presets.tiny_sdxl_unet(in_channels=4, out_channels=4)
+    sb = pl.state_bytes(setup, pl.abstract_mesh(2, 4))
+    assert sb["param_count"] == sum(math.prod(s) for s in unet.unet_param_shapes(want).values())
+    assert sb["batch_per_example"] == 4 * (2 * 8 * 8 * 4 + 8 * 32 + 16)  # + the pooled text
+    # (its step lowers with them: experiments/benchmarks/plan_check.py calibrates SDXL's; ~30 s here, not in CI)
+
+
 def test_plan_matches_the_compiled_sharded_step():
     res = pl.plan(tiny_config(), devices=8, mesh={"data": 2, "fsdp": 4}, batch_size=64, compare_remat=False,
                   measure=True, calibration_devices=1)

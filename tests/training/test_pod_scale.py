@@ -24,7 +24,6 @@ from ldm_jax.training import run
 from ldm_jax.training.writers import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-AE_CFG = os.path.join(ROOT, "configs", "shapes_autoencoder.py")
 LDM_CFG = os.path.join(ROOT, "configs", "shapes_ldm.py")
 STEPS = 6
 
@@ -83,13 +82,10 @@ def _wait_for(condition, procs, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A trained tiny autoencoder and the uninterrupted reference: 1 process, 8 devices, data=1 x fsdp=8."""
+def setup(tmp_path_factory, tiny_autoencoder):
+    """The tests' tiny autoencoder and the uninterrupted reference: 1 process, 8 devices, data=1 x fsdp=8."""
     root = tmp_path_factory.mktemp("pod")
-    data, ae = root / "data", root / "ae"
-    ae_cfg = load_config(f"{AE_CFG}:tiny")
-    ae_cfg.data.data_dir, ae_cfg.train.num_steps = str(data), 4
-    run(ae_cfg, str(ae))
+    ae, data = tiny_autoencoder
     state = run(_config(data, ae, 1, 8), str(root / "reference"))
     losses = [r["loss"] for r in read_metrics(str(root / "reference")) if "loss" in r]
     return root, data, ae, losses, jax.device_get(state.params)

@@ -19,7 +19,7 @@ from ldm_jax.training import run
 from ldm_jax.training.writers import read_metrics
 from tests.pipelines.helpers import SIZE, save_tiny_sdxl
 
-STEPS = 12
+STEPS = 6
 
 
 def test_sdxl_finetune_config_trains_and_samples(tmp_path):
@@ -55,3 +55,20 @@ def test_sdxl_finetune_config_trains_and_samples(tmp_path):
     assert images.shape == (2, SIZE, SIZE, 3) and images.std() > 1
     grid = np.asarray(Image.open(os.path.join(workdir, "samples", f"{STEPS:07d}.png")))
     np.testing.assert_array_equal(grid, make_grid(images))
+
+    # exported as a StableDiffusionXLPipeline folder: diffusers loads it, and it reloads as the same model
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm_jax.commands.convert import from_workdir
+    from ldm_jax.convert.common import flatten
+
+    written = from_workdir(workdir, str(tmp_path / "folder"))
+    assert {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(written)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder")
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    again = LatentDiffusion.from_pretrained(tmp_path / "folder")
+    assert again.num_time_ids == 6 and not again.force_zeros_for_empty_prompt  # trained on "" captions, not zeros
+    for a, b in ((again.unet_params, model.unet_params), (again.text_encoder.params, model.text_encoder.params)):
+        fa, fb = flatten(a), flatten(b)
+        assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+    assert [(e.hidden_layer, e.final_norm) for e in again.text_encoder.encoders] == [(-2, False)] * 2

@@ -41,9 +41,11 @@ def compilation_cache(tmp_path_factory):
 # each worker starts on one of them and the many short files fill in around them. xdist's default order
 # (files with the most tests first) left them to the end of the session, where one of them ran alone.
 SLOW_FILES = ("tests/training/test_pod_scale.py", "tests/test_sweeps.py", "tests/training/test_stages.py",
-              "tests/test_bad_inputs.py", "tests/models/test_lpips.py",
-              "tests/training/test_loop.py", "tests/pipelines/test_parity.py", "tests/training/test_finetune.py",
-              "tests/eval/test_evaluate_cli.py", "tests/training/test_distributed.py")
+              "tests/test_bad_inputs.py", "tests/training/test_sdxl_training.py", "tests/pipelines/test_sdxl.py",
+              "tests/models/test_lpips.py", "tests/training/test_plan.py", "tests/training/test_backbones.py",
+              "tests/training/test_lora_training.py", "tests/training/test_loop.py", "tests/pipelines/test_parity.py",
+              "tests/training/test_finetune.py", "tests/eval/test_evaluate_cli.py",
+              "tests/training/test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,8 +33,27 @@ from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.types import Array, PyTree
 
 
+class _HostEncoding:
+    """Host-side helpers of `TextEncoder` and `TextEncoders` (over their tokenize / encode_ids / params)."""
+
+    def tokenize_dict(self, prompts: Sequence[str] | str) -> dict[str, np.ndarray]:
+        """Host-side tokenization for data pipelines: {"input_ids", "attention_mask"}, int32 (B, max_length)."""
+        ids, mask = self.tokenize(prompts)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    @functools.cached_property
+    def _encode_jit(self):
+        return jax.jit(self.encode_ids)
+
+    def encode(self, prompts: Sequence[str] | str, *, return_mask: bool = False):
+        """Prompts -> conditioning (B, max_length, hidden_size) (and the int32 token mask if asked)."""
+        ids, mask = self.tokenize(prompts)
+        hidden = self._encode_jit(self.params, jnp.asarray(ids), jnp.asarray(mask))
+        return (hidden, jnp.asarray(mask)) if return_mask else hidden
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class TextEncoder:
+class TextEncoder(_HostEncoding):
     """A frozen text encoder: `module` (CLIPTextEncoder or BertEncoder), its `params`, its `tokenizer`.
 
     `hidden_layer` (CLIP only) picks the layer used as conditioning, as in `CLIPTextEncoder`; `final_norm`
@@ -82,10 +101,6 @@ class TextEncoder:
         """Host-side tokenization -> (ids, mask), int32 (B, max_length)."""
         return self.tokenizer.tokenize(prompts)
 
-    def tokenize_dict(self, prompts: Sequence[str] | str) -> dict[str, np.ndarray]:
-        """Host-side tokenization for data pipelines: {"input_ids", "attention_mask"}, int32 (B, max_length)."""
-        ids, mask = self.tokenize(prompts)
-        return {"input_ids": ids, "attention_mask": mask}
 
     def encode_ids(self, params: PyTree, ids: Array, mask: Array | None = None) -> Array:
         """Pure and jittable: token ids (B, L) -> hidden states (B, L, hidden_size)."""
@@ -105,16 +120,6 @@ class TextEncoder:
         if not isinstance(self.module, CLIPTextEncoder):
             return {}
         return {"hidden_layer": self.hidden_layer, "final_norm": self.final_norm}
-
-    @functools.cached_property
-    def _encode_jit(self):
-        return jax.jit(self.encode_ids)
-
-    def encode(self, prompts: Sequence[str] | str, *, return_mask: bool = False):
-        """Prompts -> conditioning (B, max_length, hidden_size) (and the int32 token mask if asked)."""
-        ids, mask = self.tokenize(prompts)
-        hidden = self._encode_jit(self.params, jnp.asarray(ids), jnp.asarray(mask))
-        return (hidden, jnp.asarray(mask)) if return_mask else hidden
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -148,7 +153,7 @@ class TextEncoder:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TextEncoders:
+class TextEncoders(_HostEncoding):
     """Several frozen text encoders used as one (SDXL: CLIP ViT-L and OpenCLIP ViT-bigG, both on their
     penultimate layer without the final norm), with `TextEncoder`'s interface: ids concatenated on the token
     axis, hidden states on the feature axis, the pooled vector from the last encoder. `params` is the tuple of
@@ -193,10 +198,6 @@ class TextEncoders:
         ids, masks = zip(*(e.tokenize(prompts) for e in self.encoders), strict=True)
         return np.concatenate(ids, axis=1), np.concatenate(masks, axis=1)
 
-    def tokenize_dict(self, prompts: Sequence[str] | str) -> dict[str, np.ndarray]:
-        ids, mask = self.tokenize(prompts)
-        return {"input_ids": ids, "attention_mask": mask}
-
     def _split(self, ids: Array, mask: Array | None):
         ends = np.cumsum([e.max_length for e in self.encoders])
         if ids.shape[1] != ends[-1]:
@@ -219,17 +220,6 @@ class TextEncoders:
         last, pooled = self.encoders[-1].encode_pooled_ids(params[-1], *parts[-1])
         return jnp.concatenate([*hidden, last], axis=-1), pooled
 
-    @functools.cached_property
-    def _encode_jit(self):
-        return jax.jit(self.encode_ids)
-
-    def encode(self, prompts: Sequence[str] | str, *, return_mask: bool = False):
-        ids, mask = self.tokenize(prompts)
-        hidden = self._encode_jit(self.params, jnp.asarray(ids), jnp.asarray(mask))
-        return (hidden, jnp.asarray(mask)) if return_mask else hidden
-
-
-AnyTextEncoder = TextEncoder | TextEncoders
 
 
 def _find_clip_tokenizer(model_path: Path, tokenizer_path, max_length: int) -> CLIPTokenizer:

@@ -106,12 +106,12 @@ def test_single_file_loads_as_the_folder_and_converts(sdxl, tmp_path, monkeypatc
 
     from diffusers import StableDiffusionXLPipeline
 
-    from ldm_jax.commands import convert
+    from ldm_jax.pipelines import folders
 
     monkeypatch.setattr(compvis, "load_single_file", functools.partial(
         compvis.load_single_file, unet_config=unet_fixed, vae_config={"norm_num_groups": 8, "sample_size": SIZE},
         text_config=text_fixed, text_config_2=text_fixed))
-    written = convert.from_single_file(str(tmp_path / "base.safetensors"), str(tmp_path / "folder"), "auto", None,
+    written = folders.from_single_file(str(tmp_path / "base.safetensors"), str(tmp_path / "folder"), "auto", None,
                                        False)
     assert sorted(written) == ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
                                "vae"]

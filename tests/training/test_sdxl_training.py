@@ -59,8 +59,8 @@ def test_sdxl_finetune_config_trains_and_samples(tmp_path):
     # exported as a StableDiffusionXLPipeline folder: diffusers loads it, and it reloads as the same model
     from diffusers import StableDiffusionXLPipeline
 
-    from ldm_jax.commands.convert import from_workdir
     from ldm_jax.convert.common import flatten
+    from ldm_jax.pipelines.folders import from_workdir
 
     written = from_workdir(workdir, str(tmp_path / "folder"))
     assert {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(written)

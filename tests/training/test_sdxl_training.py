@@ -68,7 +68,8 @@ def test_sdxl_finetune_config_trains_and_samples(tmp_path):
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     again = LatentDiffusion.from_pretrained(tmp_path / "folder")
     assert again.num_time_ids == 6 and not again.force_zeros_for_empty_prompt  # trained on "" captions, not zeros
-    for a, b in ((again.unet_params, model.unet_params), (again.text_encoder.params, model.text_encoder.params)):
+    for a, b in ((again.unet_params, model.unet_params), *zip(again.text_encoder.params, model.text_encoder.params,
+                                                              strict=True)):
         fa, fb = flatten(a), flatten(b)
         assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
     assert [(e.hidden_layer, e.final_norm) for e in again.text_encoder.encoders] == [(-2, False)] * 2

@@ -9,6 +9,7 @@ float tolerance (reduction order differs between meshes).
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,14 @@ def _launch(workdir, overrides, processes, devices, env, reap, logs, port):
 
 
 def _tails(logs) -> str:
-    return "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.txt")))
+    """Each process's first Python traceback or fatal check (where a failure starts) and its last lines."""
+    out = []
+    for p in sorted(logs.glob("*.txt")):
+        text = p.read_text()
+        start = re.search(r"Traceback \(most recent call last\)|^F\d{4} |Check fail", text, re.MULTILINE)
+        first = text[start.start():start.start() + 2500] if start else ""
+        out.append(f"== {p.name}\n{first}\n...\n{text[-1500:]}")
+    return "\n".join(out)
 
 
 def _wait(procs, logs, timeout=600):

@@ -1,17 +1,16 @@
 """Fine-tuning an SDXL-architecture model through the real latent-diffusion stage: configs/sdxl_finetune.py on a
 tiny random SDXL folder saved by diffusers (text_time U-Net, CLIP-L-like + bigG-like encoders), with the latent
-cache holding the pooled text beside the states, FSDP over 4 devices, and the sample grid from the one
-`LatentDiffusion.generate`; the workdir then samples the same pixels through `LatentDiffusion.from_workdir`."""
+cache holding the pooled text beside the states and FSDP over 4 devices; the workdir samples through
+`LatentDiffusion.from_workdir` (both text encoders, the micro-conditioning) and exports as a
+StableDiffusionXLPipeline folder that diffusers loads."""
 
 import os
 
 import jax
 import numpy as np
-from PIL import Image
 
 from ldm_jax.configlib import load_config
 from ldm_jax.convert import diffusers as dconv
-from ldm_jax.images import make_grid
 from ldm_jax.ldm import LatentDiffusion
 from ldm_jax.ldm.workdirs import restore_params
 from ldm_jax.models import TextEncoders
@@ -19,7 +18,7 @@ from ldm_jax.training import run
 from ldm_jax.training.writers import read_metrics
 from tests.pipelines.helpers import SIZE, save_tiny_sdxl
 
-STEPS = 6
+STEPS = 4
 
 
 def test_sdxl_finetune_config_trains_and_samples(tmp_path):
@@ -30,16 +29,16 @@ def test_sdxl_finetune_config_trains_and_samples(tmp_path):
     assert c.model.text_encoder.name == "sdxl" and c.diffusion.schedule == "scaled_linear"
     c.data.name, c.data.data_dir, c.data.resolution, c.data.batch_size = "shapes", str(tmp_path / "data"), SIZE, 8
     c.data.builder_kwargs = {"num_train": 64, "num_test": 16, "num_heldout": 16}
-    c.train.dtype, c.train.remat, c.train.num_steps, c.train.log_every_steps = "float32", False, STEPS, 3
+    c.train.dtype, c.train.remat, c.train.num_steps, c.train.log_every_steps = "float32", False, STEPS, 2
     c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 2
-    c.checkpoint.every_steps = c.sample.every_steps = STEPS
+    c.checkpoint.every_steps, c.sample.every_steps = STEPS, 0  # grids: the pipelines' and other stages' tests
     c.sample.num_steps, c.sample.prompts = 3, ("a red circle in the top left", "a blue square")
     c.mesh.data, c.mesh.fsdp = 2, 4
     workdir = str(tmp_path / "run")
     run(c, workdir)
 
     losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
-    assert len(losses) == STEPS // 3 and np.all(np.isfinite(losses))
+    assert len(losses) == STEPS // 2 and np.all(np.isfinite(losses))
     assert "text_pooled" in open(os.path.join(workdir, "latent_cache", "manifest.json")).read()
     _, start = dconv.load_unet(folder / "base" / "unet")
     trained = restore_params(workdir, ema=False)
@@ -53,8 +52,6 @@ def test_sdxl_finetune_config_trains_and_samples(tmp_path):
     images = model.generate(list(s.prompts), seed=int(s.seed), sampler=str(s.sampler), num_steps=int(s.num_steps),
                             guidance_scale=float(s.guidance_scale))
     assert images.shape == (2, SIZE, SIZE, 3) and images.std() > 1
-    grid = np.asarray(Image.open(os.path.join(workdir, "samples", f"{STEPS:07d}.png")))
-    np.testing.assert_array_equal(grid, make_grid(images))
 
     # exported as a StableDiffusionXLPipeline folder: diffusers loads it, and it reloads as the same model
     from diffusers import StableDiffusionXLPipeline

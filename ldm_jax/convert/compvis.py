@@ -29,6 +29,7 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert import hf
 from ldm_jax.convert.common import ConversionError, check_tree, read_safetensors
 from ldm_jax.models.text import CLIPTextConfig
+from ldm_jax.models.tokenizers import EOS, CLIPTokenizer
 from ldm_jax.models.unet import UNetConfig, unet_param_shapes
 from ldm_jax.models.vae import AutoencoderConfig, vae_param_shapes
 from ldm_jax.types import ConfigError
@@ -416,6 +417,13 @@ def _config(given, infer):
     if given is None or isinstance(given, Mapping):
         return infer(**dict(given or {}))
     return given
+
+
+def clip_tokenizer(kind: str, part: str = "text_encoder", max_length: int = 77) -> CLIPTokenizer:
+    """OpenAI's CLIP tokenizer as a single file's `part` pads: with its EOS token for CLIP-L (SD 1.x, SDXL's
+    text_encoder), with "!" (id 0) for the OpenCLIP towers (SD 2.x, SDXL's text_encoder_2)."""
+    eos = kind == "sd15" or (kind == "sdxl" and part == "text_encoder")
+    return CLIPTokenizer.default(max_length=max_length, pad_token=EOS if eos else "!")
 
 
 def load_single_file(

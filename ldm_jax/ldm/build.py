@@ -25,7 +25,7 @@ from ldm_jax.convert import sd3 as sd3_convert
 from ldm_jax.convert.common import ConversionError, flatten
 from ldm_jax.ldm.workdirs import is_workdir, read_config, restore_params
 from ldm_jax.models import backbones, lora, presets
-from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
+from ldm_jax.models.text_encoder import SDXL_TEXT_OPTIONS, TextEncoder, TextEncoders
 from ldm_jax.types import ConfigError, FrozenConfig, _freeze, check_choice, nearest
 
 UNET_PRESETS = {"tiny": presets.tiny_unet, "sd15": presets.sd15_unet, "sd21": presets.sd21_unet,
@@ -204,8 +204,7 @@ def text_encoder(sec) -> TextEncoder | TextEncoders:
     if cfg.name == "minilm":
         return TextEncoder.minilm(max_length=cfg.max_length)
     if cfg.name == "sdxl":  # SDXL's conditioning: penultimate layers without the final norm
-        return TextEncoders(tuple(TextEncoder.from_hf_clip(path, _sibling_tokenizer(path, suffix), hidden_layer=-2,
-                                                           final_norm=False)
+        return TextEncoders(tuple(TextEncoder.from_hf_clip(path, _sibling_tokenizer(path, suffix), **SDXL_TEXT_OPTIONS)
                                   for path, suffix in ((cfg.path, ""), (cfg.path_2, "_2"))))
     return TextEncoder.from_hf_clip(cfg.path, hidden_layer=cfg.hidden_layer or None)
 

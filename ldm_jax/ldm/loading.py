@@ -48,8 +48,8 @@ from ldm_jax.models import backbones, hf_text
 from ldm_jax.models import lora as lora_lib
 from ldm_jax.models.layers import unbox
 from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
-from ldm_jax.models.text_encoder import TextEncoder, TextEncoders
-from ldm_jax.models.tokenizers import EOS, CLIPTokenizer, WordPieceTokenizer
+from ldm_jax.models.text_encoder import SDXL_TEXT_OPTIONS, TextEncoder, TextEncoders
+from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.types import ConfigError, _freeze
 
 logger = logging.getLogger("ldm_jax.ldm")
@@ -222,10 +222,6 @@ def _folder_text_encoder(te_dir: str, tok_dir: str, options: Mapping, dtype) -> 
                        use_attention_mask=bool(options.get("use_attention_mask", True)))
 
 
-# SDXL's text conditioning: each CLIP's penultimate layer, without the final layer norm
-SDXL_TEXT_OPTIONS = {"hidden_layer": -2, "final_norm": False}
-
-
 def diffusers_parts(path: str | os.PathLike, *, dtype=None, variant: str | None = None) -> dict:
     """A diffusers StableDiffusionPipeline or StableDiffusionXLPipeline folder (SDXL: text_encoder/ and
     text_encoder_2/ with tokenizer/ and tokenizer_2/; a refiner has text_encoder_2/ only), or one
@@ -281,10 +277,9 @@ def single_file_parts(path: str | os.PathLike, *, kind: str = "auto", prediction
         raise ConversionError(f"'{os.fspath(path)}' holds no {', '.join(missing)} weights; a full SD checkpoint "
                               "is needed for sampling")
     encoders = []
-    for part in texts:  # SDXL: CLIP-L pads with its EOS token, OpenCLIP-bigG with "!" (diffusers' tokenizer_2)
+    for part in texts:
         te_cfg, te_params = parts[part]
-        pad = EOS if kind == "sd15" or (kind == "sdxl" and part == "text_encoder") else "!"
-        tokenizer = CLIPTokenizer.default(max_length=te_cfg.max_length, pad_token=pad)
+        tokenizer = compvis.clip_tokenizer(kind, part, te_cfg.max_length)
         options = SDXL_TEXT_OPTIONS if kind == "sdxl" else {}
         encoders.append(TextEncoder(CLIPTextEncoder(te_cfg, dtype=dtype or jnp.float32), _device(te_params),
                                     tokenizer, **options))

@@ -32,6 +32,9 @@ from ldm_jax.models.text import BertEncoder, CLIPTextEncoder
 from ldm_jax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from ldm_jax.types import Array, PyTree
 
+# SDXL's text conditioning from each CLIP: its penultimate layer without the final layer norm
+SDXL_TEXT_OPTIONS = {"hidden_layer": -2, "final_norm": False}
+
 
 class _HostEncoding:
     """Host-side helpers of `TextEncoder` and `TextEncoders` (over their tokenize / encode_ids / params)."""

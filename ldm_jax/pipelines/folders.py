@@ -15,7 +15,6 @@ from ldm_jax.convert import diffusers as dconv
 from ldm_jax.convert.pipeline_folder import write_json, write_model_folder
 from ldm_jax.ldm import LatentDiffusion, build
 from ldm_jax.ldm.workdirs import read_config, restore_params
-from ldm_jax.models.tokenizers import CLIPTokenizer
 
 
 def scheduler_config(prediction: str) -> dict:
@@ -46,11 +45,9 @@ def from_single_file(src: str, dst: str, kind: str = "auto", prediction: str | N
         dconv.save_vae(os.path.join(dst, "vae"), *parts["vae"])
         written.append("vae")
     for part, suffix in (("text_encoder", ""), ("text_encoder_2", "_2")):
-        if part in parts:  # CLIP-L pads with its EOS token (SD 1.x, SDXL), OpenCLIP encoders with "!"
+        if part in parts:
             hf.save_clip_text(os.path.join(dst, part), *parts[part])
-            eos = kind == "sd15" or (kind == "sdxl" and part == "text_encoder")
-            tokenizer = CLIPTokenizer.default(pad_token="<|endoftext|>" if eos else "!")
-            tokenizer.save(os.path.join(dst, "tokenizer" + suffix))
+            compvis.clip_tokenizer(kind, part).save(os.path.join(dst, "tokenizer" + suffix))
             written += [part, "tokenizer" + suffix]
     names = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

@@ -48,6 +48,18 @@ def cached_latents(batch: dict, rng, vae_config) -> jax.Array:
     return (z - vae_config.shift_factor) * vae_config.scaling_factor
 
 
+def training_context(hidden, pooled, latents, factor: int):
+    """The denoiser's context in training: the text states; with SDXL's pooled text (`pooled` not None) also the
+    micro-conditioning of an uncropped image at its training size, (h, w, 0, 0, h, w) with (h, w) = the latent
+    size x the VAE `factor` (diffusers' training scripts' default without crop bookkeeping; each aspect-ratio
+    bucket its own size)."""
+    if pooled is None:
+        return hidden
+    h, w = latents.shape[1] * factor, latents.shape[2] * factor
+    ids = jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (latents.shape[0], 6))
+    return {"text": hidden, "added": {"text_embeds": pooled, "time_ids": ids}}
+
+
 def noised_loss(denoiser, latents, ctx, r_t, r_noise, schedule, dc: build.DiffusionConfig):
     """(per-example loss (B,), t) of the stage on given latents and text states: t from the configured noise
     sampler, x_t = q_sample(t), the denoiser's output scored by ``diffusion.loss`` (prediction x weighting).
@@ -161,14 +173,7 @@ def make_task(config, workdir: str):
     num_ids = model.num_time_ids  # SDXL's text_time U-Net: pooled text and micro-conditioning beside the states
 
     def conditioning(hidden, pooled, latents):
-        """The denoiser's context: the text states, and for SDXL the pooled text with the micro-conditioning
-        of an uncropped image at its training size, (h, w, 0, 0, h, w) (diffusers' training scripts' default
-        without crop bookkeeping)."""
-        if not num_ids:
-            return hidden
-        h, w = latents.shape[1] * f, latents.shape[2] * f
-        ids = jnp.broadcast_to(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (latents.shape[0], 6))
-        return {"text": hidden, "added": {"text_embeds": pooled, "time_ids": ids}}
+        return training_context(hidden, pooled if num_ids else None, latents, f)
 
     if num_ids not in (0, 6):
         raise ConfigError(f"this U-Net takes {num_ids} time ids (a refiner's); training uses the base's 6: set "

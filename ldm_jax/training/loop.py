@@ -209,8 +209,10 @@ class _StepPerShape:
             self._compiled[key] = self._compile_for(abstract_batch)
 
     def __call__(self, state, batch, frozen):
-        self.prepare(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch))
-        return self._compiled[self._key(batch)](state, batch, frozen)
+        key = self._key(batch)
+        if key not in self._compiled:  # a new shape (the common case, a known one, builds nothing per step)
+            self.prepare(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch))
+        return self._compiled[key](state, batch, frozen)
 
 
 def _next_batch(iterator, step: int) -> PyTree:

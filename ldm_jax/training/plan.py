@@ -70,7 +70,7 @@ from ldm_jax.ldm.workdirs import is_workdir, read_config
 from ldm_jax.models import backbones, hf_text
 from ldm_jax.training import optim
 from ldm_jax.training import sharding as shd
-from ldm_jax.training.ldm import cached_latents, noised_loss
+from ldm_jax.training.ldm import cached_latents, noised_loss, training_context
 from ldm_jax.training.optim import OptimizerConfig, make_optimizer
 from ldm_jax.training.state import create_state
 from ldm_jax.training.steps import StepConfig, loss_and_grads, make_train_step
@@ -175,15 +175,10 @@ def ldm_task(config, context: tuple[int, ...] | None = None) -> tuple[Task, Call
     else:
         pooled_dim = None
 
-    def context_of(text, pooled):
-        if pooled_dim is None:
-            return text
-        ids = jnp.full((text.shape[0], 6), float(side), jnp.float32)
-        return {"text": text, "added": {"text_embeds": pooled, "time_ids": ids}}
-
     def init(rng):
         x = jnp.zeros((1, *latent_shape), jnp.float32)
-        ctx = context_of(jnp.zeros((1, ctx_len, ctx_dim), jnp.float32), jnp.zeros((1, pooled_dim or 0)))
+        pooled = jnp.zeros((1, pooled_dim)) if pooled_dim else None
+        ctx = training_context(jnp.zeros((1, ctx_len, ctx_dim), jnp.float32), pooled, x, f)
         added = {"added": ctx["added"]} if pooled_dim else {}
         return net.init(rng, x, jnp.zeros((1,)), ctx["text"] if pooled_dim else ctx, **added)["params"]
 
@@ -192,7 +187,7 @@ def ldm_task(config, context: tuple[int, ...] | None = None) -> tuple[Task, Call
         r_lat, r_t, r_noise = jax.random.split(rng, 3)
         latents = jax.lax.stop_gradient(cached_latents(batch, r_lat, vae_cfg))
         denoiser = Denoiser(params, schedule, net, dc.precondition, dc.sigma_data, dc.network_input)
-        ctx = context_of(batch["text_embedding"], batch.get("text_pooled"))
+        ctx = training_context(batch["text_embedding"], batch.get("text_pooled"), latents, f)
         per_example, t = noised_loss(denoiser, latents, ctx, r_t, r_noise, schedule, dc)
         return jnp.mean(per_example), {"mse_t_mean": jnp.mean(t)}
 

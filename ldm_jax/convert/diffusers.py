@@ -40,7 +40,9 @@ from ldm_jax.models.vae import AutoencoderConfig, vae_param_shapes
 from ldm_jax.types import ConfigError
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-_INDEXED = (
+_INDEXED = (  # PyTorch ModuleLists (ControlNet: controlnet_down_blocks, controlnet_cond_embedding.blocks)
+    "controlnet_down_blocks",
+    "blocks",
     "down_blocks",
     "up_blocks",
     "resnets",

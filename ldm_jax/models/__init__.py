@@ -4,6 +4,8 @@
     dit = DiT(cfg); out = dit.apply({"params": p}, x, timesteps, context, y=None)        # Peebles & Xie 2023
     mmdit = MMDiT(cfg); out = mmdit.apply({"params": p}, x, timesteps, context, pooled=None)  # SD3's MMDiT
     backbones.network(cfg) builds whichever of the three a config describes
+    cn = ControlNet(cn_cfg); down, mid = cn.apply({"params": q}, x, timesteps, context, cond_image)
+    out = unet.apply({"params": p}, x, timesteps, context, down_residuals=down, mid_residual=mid)
     lora.merge(params, [(adapter, weight)])   LoRA as a transformation of parameter trees (models.lora)
     vae = AutoencoderKL(cfg); mean, logvar = vae.apply({"params": p}, images, method=vae.encode)
 
@@ -34,6 +36,14 @@ from ldm_jax.models.attention import (
     SpatialTransformer,
     TransformerBlock,
     dot_product_attention,
+)
+from ldm_jax.models.controlnet import (
+    ControlNet,
+    ControlNetConfig,
+    controlnet_example_inputs,
+    controlnet_from_unet,
+    controlnet_param_shapes,
+    init_controlnet,
 )
 from ldm_jax.models.dit import DiT, DiTConfig, dit_param_shapes, init_dit
 from ldm_jax.models.layers import GroupNorm, LayerNorm, ResnetBlock, count_params, timestep_embedding, unbox
@@ -80,6 +90,12 @@ from ldm_jax.models.vae import (
 )
 
 __all__ = [
+    "ControlNet",
+    "ControlNetConfig",
+    "controlnet_example_inputs",
+    "controlnet_from_unet",
+    "controlnet_param_shapes",
+    "init_controlnet",
     "DiT",
     "DiTConfig",
     "MMDiT",

@@ -6,6 +6,7 @@ Diffusion Models"; the UNet2DConditionModel family of diffusers), NHWC.
     down level l: (ResnetBlock(h, emb) [-> SpatialTransformer(h, context)]) x layers_per_block, each output
                   pushed to skips; then a stride-2 conv (pushed too), except at the last level
     mid:          ResnetBlock -> SpatialTransformer -> ResnetBlock
+    [ControlNet:  skips[k] += down_residuals[k]; h += mid_residual]
     up level l:   (concat(h, skips.pop()) -> ResnetBlock [-> SpatialTransformer]) x (layers_per_block + 1);
                   then nearest 2x upsampling + conv, except at the last level
     out = conv_out(silu(GN(h)))
@@ -25,7 +26,7 @@ P + N * addition_time_embed_dim (= `projection_class_embeddings_input_dim`) is f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -271,7 +272,8 @@ def _block_factories(cfg: UNetConfig, kw: dict):
 
 
 class UNet(nn.Module):
-    """Conditional U-Net: ``apply({"params": p}, x, timesteps, context, y=None, added=None)``.
+    """Conditional U-Net: ``apply({"params": p}, x, timesteps, context, y=None, added=None, *,
+    down_residuals=None, mid_residual=None)``.
 
     x: (B, H, W, in_channels); timesteps: (B,) or scalar, the network's own units; context: (B, L,
     cross_attention_dim); y: (B,) int class labels when `num_class_embeds` is set; added: when
@@ -280,6 +282,13 @@ class UNet(nn.Module):
     N = 5, the target size replaced by the aesthetic score), with P + N * addition_time_embed_dim ==
     projection_class_embeddings_input_dim. Returns (B, H, W, out_channels) in `dtype`. `dtype` /
     `param_dtype` override the config's when given.
+
+    ControlNet residuals (diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual``;
+    ``models.ControlNet`` returns both): `down_residuals` holds one array per skip connection, in the order
+    the skips are pushed (conv_in's output, then each resnet [+ attention] output and each downsample of
+    every down level: 1 + levels * layers_per_block + levels - 1 of them), each added to its skip before the
+    up path; `mid_residual` is added to the mid block's output. Either may be omitted; they are cast to the
+    activations' dtype and broadcast (a (B, 1, 1, C) pooled residual works). None leaves the program as it is.
     """
 
     config: UNetConfig
@@ -294,35 +303,24 @@ class UNet(nn.Module):
         context: Array,
         y: Array | None = None,
         added: Mapping[str, Array] | None = None,
+        *,
+        down_residuals: Sequence[Array] | None = None,
+        mid_residual: Array | None = None,
     ) -> Array:
         cfg = self.config
-        _check_inputs(cfg, x, timesteps, context, y)
-        _check_added(cfg, added, x.shape[0])
+        check_unet_inputs("UNet", cfg, x, timesteps, context, y, added)
+        _check_residual_count(cfg, down_residuals)
         dtype = canonical_dtype(self.dtype if self.dtype is not None else cfg.dtype)
         pdtype = canonical_dtype(self.param_dtype if self.param_dtype is not None else cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
-        emb = self._embed(x.shape[0], timesteps, y, added, kw)
+        emb = unet_embedding(cfg, x.shape[0], timesteps, y, added, kw)
         context = context.astype(dtype)
         heads, layers = cfg.heads_per_level(), cfg.transformer_layers()
         n, chans = cfg.num_levels, cfg.block_out_channels
 
         h = spatial_constraint(conv(chans[0], 3, name="conv_in", **kw)(x.astype(dtype)))
-        skips = [h]
-        for l in range(n):
-            block = DownBlock(
-                chans[l],
-                cfg.layers_per_block,
-                cfg.attention_levels[l],
-                heads[l],
-                layers[l],
-                downsample=l < n - 1,
-                config=cfg,
-                name=f"down_blocks_{l}",
-                **kw,
-            )
-            h, outs = block(h, emb, context)
-            skips.extend(outs)
-        h = MidBlock(chans[-1], heads[-1], layers[-1], config=cfg, name="mid_block", **kw)(h, emb, context)
+        h, skips = unet_encoder(cfg, h, emb, context, kw)
+        skips, h = _add_residuals(skips, h, down_residuals, mid_residual)
         for i in range(n):
             l = n - 1 - i  # the down level this up level mirrors
             k = cfg.layers_per_block + 1
@@ -343,58 +341,115 @@ class UNet(nn.Module):
         h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
         return conv(cfg.out_channels, 3, zero_init=cfg.zero_init, name="conv_out", **kw)(h)
 
-    def _embed(self, batch: int, timesteps: Array, y: Array | None, added, kw: dict) -> Array:
-        cfg = self.config
-        c0 = cfg.block_out_channels[0]
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-        t_emb = timestep_embedding(t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        emb = TimestepMLP(4 * c0, name="time_embedding", **kw)(t_emb)
-        if cfg.num_class_embeds is not None:
-            table = nn.Embed(
-                cfg.num_class_embeds,
-                4 * c0,
-                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-                name="class_embedding",
-                **kw,
-            )
-            emb = emb + table(jnp.asarray(y, jnp.int32).reshape(-1))
-        if cfg.addition_embed_type == "text_time":
-            text = jnp.asarray(added["text_embeds"], jnp.float32)
-            ids = jnp.asarray(added["time_ids"], jnp.float32)
-            ids_emb = timestep_embedding(
-                ids.reshape(-1),
-                cfg.addition_time_embed_dim,
-                flip_sin_to_cos=cfg.flip_sin_to_cos,
-                freq_shift=cfg.freq_shift,
-            ).reshape(batch, -1)
-            cond = jnp.concatenate([text, ids_emb], axis=-1)
-            emb = emb + TimestepMLP(4 * c0, name="add_embedding", **kw)(cond)
-        return emb
+
+def unet_embedding(cfg: UNetConfig, batch: int, timesteps: Array, y: Array | None, added, kw: dict) -> Array:
+    """The conditioning vector emb (B, 4 * block_out_channels[0]): time [+ class] [+ text_time] embedding.
+
+    Called inside a compact module (the UNet, the ControlNet), it creates that module's time_embedding /
+    class_embedding / add_embedding parameters.
+    """
+    c0 = cfg.block_out_channels[0]
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    emb = TimestepMLP(4 * c0, name="time_embedding", **kw)(t_emb)
+    if cfg.num_class_embeds is not None:
+        table = nn.Embed(
+            cfg.num_class_embeds,
+            4 * c0,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            name="class_embedding",
+            **kw,
+        )
+        emb = emb + table(jnp.asarray(y, jnp.int32).reshape(-1))
+    if cfg.addition_embed_type == "text_time":
+        text = jnp.asarray(added["text_embeds"], jnp.float32)
+        ids = jnp.asarray(added["time_ids"], jnp.float32)
+        ids_emb = timestep_embedding(
+            ids.reshape(-1),
+            cfg.addition_time_embed_dim,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        ).reshape(batch, -1)
+        cond = jnp.concatenate([text, ids_emb], axis=-1)
+        emb = emb + TimestepMLP(4 * c0, name="add_embedding", **kw)(cond)
+    return emb
 
 
-def _check_inputs(cfg: UNetConfig, x, timesteps, context, y) -> None:
-    check_denoiser_inputs("UNet", x, cfg.in_channels, timesteps, context, cfg.cross_attention_dim)
-    check_class_labels("UNet", "num_class_embeds", cfg.num_class_embeds, y)
+def unet_encoder(cfg: UNetConfig, h: Array, emb: Array, context: Array, kw: dict) -> tuple[Array, list[Array]]:
+    """conv_in's output `h` through the down levels and the mid block -> (mid output, skips), skips[0] = h.
+
+    Called inside a compact module (the UNet, the ControlNet), it creates that module's down_blocks_{l} and
+    mid_block parameters.
+    """
+    heads, layers = cfg.heads_per_level(), cfg.transformer_layers()
+    n, chans = cfg.num_levels, cfg.block_out_channels
+    skips = [h]
+    for l in range(n):
+        block = DownBlock(
+            chans[l],
+            cfg.layers_per_block,
+            cfg.attention_levels[l],
+            heads[l],
+            layers[l],
+            downsample=l < n - 1,
+            config=cfg,
+            name=f"down_blocks_{l}",
+            **kw,
+        )
+        h, outs = block(h, emb, context)
+        skips.extend(outs)
+    h = MidBlock(chans[-1], heads[-1], layers[-1], config=cfg, name="mid_block", **kw)(h, emb, context)
+    return h, skips
 
 
-def _check_added(cfg: UNetConfig, added, batch: int) -> None:
+def num_skips(cfg: UNetConfig) -> int:
+    """Skip connections of the U-Net (= a ControlNet's down residuals): conv_in's output, each down layer's
+    output, each downsample's."""
+    return 1 + cfg.num_levels * cfg.layers_per_block + cfg.num_levels - 1
+
+
+def _check_residual_count(cfg: UNetConfig, down_residuals) -> None:
+    if down_residuals is not None and len(down_residuals) != num_skips(cfg):
+        raise ValueError(
+            f"UNet: {len(down_residuals)} down_residuals for {num_skips(cfg)} skip connections; pass one per skip "
+            "(conv_in, then every resnet / attention output and downsample of each down level)"
+        )
+
+
+def _add_residuals(skips: list[Array], h: Array, down_residuals, mid_residual) -> tuple[list[Array], Array]:
+    """Adds a ControlNet's residuals (cast to the activations' dtype) to the skips and the mid output."""
+    if down_residuals is not None:
+        skips = [s + jnp.asarray(r).astype(s.dtype) for s, r in zip(skips, down_residuals)]
+    if mid_residual is not None:
+        h = h + jnp.asarray(mid_residual).astype(h.dtype)
+    return skips, h
+
+
+def check_unet_inputs(name: str, cfg: UNetConfig, x, timesteps, context, y, added) -> None:
+    """The U-Net's input checks (shared with the ControlNet); ValueErrors name `name` and the fix."""
+    check_denoiser_inputs(name, x, cfg.in_channels, timesteps, context, cfg.cross_attention_dim)
+    check_class_labels(name, "num_class_embeds", cfg.num_class_embeds, y)
+    _check_added(name, cfg, added, x.shape[0])
+
+
+def _check_added(name: str, cfg: UNetConfig, added, batch: int) -> None:
     usage = "added={'text_embeds': (B, pooled), 'time_ids': (B, n)}"
     if cfg.addition_embed_type is None:
         if added is not None:
-            raise ValueError("UNet: `added` given but addition_embed_type is None; drop it, or use an SDXL config")
+            raise ValueError(f"{name}: `added` given but addition_embed_type is None; drop it, or use an SDXL config")
         return
     if added is None:
-        raise ValueError(f"UNet: addition_embed_type={cfg.addition_embed_type!r} (SDXL) needs {usage}")
+        raise ValueError(f"{name}: addition_embed_type={cfg.addition_embed_type!r} (SDXL) needs {usage}")
     missing = [k for k in ("text_embeds", "time_ids") if k not in added]
     if missing:
-        raise ValueError(f"UNet: `added` lacks {missing}; pass {usage}")
+        raise ValueError(f"{name}: `added` lacks {missing}; pass {usage}")
     text, ids = jnp.shape(added["text_embeds"]), jnp.shape(added["time_ids"])
     if len(text) != 2 or len(ids) != 2 or text[0] != batch or ids[0] != batch:
-        raise ValueError(f"UNet: added text_embeds {text} / time_ids {ids}: expected ({batch}, P) and ({batch}, N)")
+        raise ValueError(f"{name}: added text_embeds {text} / time_ids {ids}: expected ({batch}, P) and ({batch}, N)")
     width = text[1] + ids[1] * cfg.addition_time_embed_dim
     if width != cfg.projection_class_embeddings_input_dim:
         raise ValueError(
-            f"UNet: text_embeds width {text[1]} + {ids[1]} time ids x {cfg.addition_time_embed_dim} = {width}, "
+            f"{name}: text_embeds width {text[1]} + {ids[1]} time ids x {cfg.addition_time_embed_dim} = {width}, "
             f"but projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}"
         )
 

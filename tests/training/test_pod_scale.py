@@ -1,7 +1,7 @@
 """The latent-diffusion stage as several processes through jax.distributed (gloo on CPU), with FSDP groups that
 span processes, the latent cache built by all of them, sample grids and evaluation callbacks on; and an
-elastic resume: killed as 2 processes x 4 devices (data=1 x fsdp=8), continued as 1 x 8, then as 4 processes x
-2 devices with data=2 x fsdp=4 (each FSDP group spans two processes).
+elastic resume: saved as 1 process x 8 devices, continued as 4 processes x 2 devices with data=2 x fsdp=4 (each
+FSDP group spans two processes) until SIGKILLed, then finished as 1 x 8.
 
 Reference: the same config trained uninterrupted in this process on 8 devices. Steps see the same global
 batches in the same row order whatever the process count (ldm_jax.data.pipeline), so the losses agree to
@@ -62,12 +62,17 @@ def _launch(workdir, overrides, processes, devices, env, reap, logs, port):
 
 
 def _tails(logs) -> str:
-    """Each process's first Python traceback or fatal check (where a failure starts) and its last lines."""
+    """Each process's first Python traceback (its innermost frames and the exception) or fatal check, where a
+    failure starts, and its last lines."""
     out = []
     for p in sorted(logs.glob("*.txt")):
         text = p.read_text()
-        start = re.search(r"Traceback \(most recent call last\)|^F\d{4} |Check fail", text, re.MULTILINE)
-        first = text[start.start():start.start() + 2500] if start else ""
+        first = ""
+        trace = re.search(r"^Traceback \(most recent call last\):\n(?:[ \t].*\n)*(.*)", text, re.MULTILINE)
+        if trace:  # the last frames and the exception line(s) after the indented frames
+            first = text[max(trace.start(), trace.start(1) - 1500):trace.end(1) + 1500]
+        elif fatal := re.search(r"^F\d{4} |Check fail", text, re.MULTILINE):
+            first = text[fatal.start():fatal.start() + 2500]
         out.append(f"== {p.name}\n{first}\n...\n{text[-1500:]}")
     return "\n".join(out)
 
@@ -127,24 +132,23 @@ def test_two_processes_with_fsdp_across_them_grids_and_eval_match_one_process(se
     assert "latents-00000-of-00002.array_record" in cache and "latents-00001-of-00002.array_record" in cache
 
 
-def test_killed_on_two_processes_resumes_on_one_then_on_four(setup, subprocess_env, reap, tmp_path, free_port):
+def test_one_process_resumed_on_four_killed_then_resumed_on_one(setup, subprocess_env, reap, tmp_path, free_port):
     root, data, ae, ref_losses, ref_params = setup
     workdir = tmp_path / "elastic"
-    # 1. 2 processes x 4 devices, data=1 x fsdp=8 (the program of the test above: its compiled step is cached):
-    #    SIGKILL both once step 2 is saved
-    procs = _launch(workdir, _overrides(data, ae, 1, 8), 2, 4, subprocess_env, reap, tmp_path, free_port())
-    assert _wait_for(lambda: checkpoint_steps(str(workdir)), procs), _tails(tmp_path)
+    # 1. this process, 1 x 8 devices (the reference's program), to step 2: it saves and stops there
+    run(_config(data, ae, 1, 8, {"train.stop_at_step": 2}), str(workdir))
+    assert checkpoint_steps(str(workdir)) == [2]
+    # 2. 4 processes x 2 devices, data=2 x fsdp=4 (each FSDP group spans two processes): they restore step 2's
+    #    state sharded their way, and are SIGKILLed once step 4 is saved
+    procs = _launch(workdir, _overrides(data, ae, 2, 4), 4, 2, subprocess_env, reap, tmp_path, free_port())
+    assert _wait_for(lambda: checkpoint_steps(str(workdir))[-1] > 2, procs), _tails(tmp_path)
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
     killed = checkpoint_steps(str(workdir))[-1]
     assert killed < STEPS
-    # 2. 1 process x 8 devices (this one, the reference's program), one more step: it saves and stops after it
-    cfg = _config(data, ae, 1, 8, {"train.stop_at_step": killed + 1})
-    run(cfg, str(workdir))
-    assert checkpoint_steps(str(workdir))[-1] == killed + 1
-    # 3. 4 processes x 2 devices (each FSDP group of 4 spans two processes) to the end
-    _wait(_launch(workdir, _overrides(data, ae, 2, 4), 4, 2, subprocess_env, reap, tmp_path, free_port()), tmp_path)
+    # 3. this process again, 1 x 8, to the end
+    run(_config(data, ae, 1, 8), str(workdir))
     assert checkpoint_steps(str(workdir))[-1] == STEPS
     rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step once: resumed steps not repeated
